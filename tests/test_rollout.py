@@ -1,0 +1,166 @@
+import pytest
+import torch
+from conftest import Steered, chat_batch
+
+from multiplex_trl.logprobs import multiplex_logprobs
+from multiplex_trl.rollout import multiplex_generate
+from multiplex_trl.testing import tiny_model, tiny_tokenizer
+
+EOS, PAD = 1, 0
+
+
+def _ids(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def _generate(model, tok, questions, **kwargs):
+    input_ids, mask = chat_batch(tok, questions)
+    defaults = dict(
+        width=3,
+        max_new_tokens=30,
+        thinking_end_ids=_ids(tok, "</think>"),
+        eos_token_ids=[tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+    )
+    defaults.update(kwargs)
+    return multiplex_generate(model, input_ids, mask, **defaults), input_ids, mask
+
+
+def _force(vocab, schedule):
+    """bias(step): a large bias on the token named by schedule(step) (None: the model's own distribution)."""
+
+    def bias(step):
+        tok_id = schedule(step)
+        if tok_id is None:
+            return None
+        b = torch.zeros(vocab)
+        if isinstance(tok_id, dict):  # {token: logit} -> a scripted distribution over a few tokens
+            b -= 1e4
+            for t, v in tok_id.items():
+                b[t] = v + 1e4
+            return b
+        b[tok_id] = 1e4
+        return b
+
+    return bias
+
+
+def test_stop_rule_single_token_marker(tok, model):
+    marker, a, b = tok.convert_tokens_to_ids("</think>"), _ids(tok, "a")[0], _ids(tok, "b")[0]
+    # steps 0-2: two-way distribution (branching); step 3: marker; steps 4-5: answer 'b'; step 6: EOS
+    sched = {0: {a: 0.0, b: 0.0}, 1: {a: 0.0, b: 0.0}, 2: {a: 0.0, b: 0.0}, 3: marker, 4: b, 5: b, 6: EOS}
+    steered = Steered(model, _force(len(tok), lambda s: sched.get(s, EOS)))
+    r, _, _ = _generate(steered, tok, ["hi"])
+    assert r.lengths() == [7]
+    assert r.thinking_mask[0].tolist() == [True] * 3 + [False] * 4
+    assert r.ids[0, 3].tolist() == [marker, PAD, PAD] and r.weights[0, 3].tolist() == [1.0, 0.0, 0.0]
+    for t in (4, 5, 6):  # answer positions are one-hot
+        assert r.ids[0, t, 1:].tolist() == [PAD, PAD] and r.weights[0, t].tolist() == [1.0, 0.0, 0.0]
+    assert r.ids[0, 6, 0] == EOS and r.closed.tolist() == [True]
+    for t in range(3):
+        assert set(r.ids[0, t].tolist()) <= {a, b}
+        assert r.weights[0, t].sum().item() == pytest.approx(1.0)
+
+
+def test_marker_in_a_later_slot_is_merged_not_a_stop(tok, model):
+    marker, a = tok.convert_tokens_to_ids("</think>"), _ids(tok, "a")[0]
+    # 50/50 between 'a' and the marker: over many rows some positions draw the marker only in slots 1-2
+    steered = Steered(model, _force(len(tok), lambda s: {a: 0.0, marker: 0.0}))
+    r, _, _ = _generate(steered, tok, ["q"] * 64, max_new_tokens=6)
+    first_slot0_marker = (r.ids[..., 0] == marker).float().argmax(-1)
+    for row in range(64):
+        end = int(first_slot0_marker[row]) if (r.ids[row, :, 0] == marker).any() else r.ids.size(1)
+        before = r.ids[row, :end]
+        # positions before the first slot-0 marker are merged thinking positions, markers in slots 1+ included
+        assert r.thinking_mask[row, :end].all()
+        assert (before[:, 0] != marker).all()
+    later_slot_marker = ((r.ids[..., 1:] == marker).any(-1) & r.thinking_mask).any()
+    assert later_slot_marker, "the scripted distribution should put the marker in a later slot somewhere"
+
+
+def test_multi_token_marker_matched_on_slot0_stream():
+    tok = tiny_tokenizer(with_think_token=False)
+    model = tiny_model(tok).eval()
+    marker = _ids(tok, "</think>")
+    assert len(marker) == 8
+    seq = _ids(tok, "xy") + marker + _ids(tok, "42") + [EOS]
+    steered = Steered(model, _force(len(tok), lambda s: seq[s] if s < len(seq) else EOS))
+    r, _, _ = _generate(steered, tok, ["q"])
+    n_think = 2 + len(marker) - 1  # thinking ends with the marker's last token
+    assert r.thinking_mask[0].tolist() == [True] * n_think + [False] * (len(seq) - n_think)
+    assert r.ids[0, n_think].tolist() == [marker[-1], PAD, PAD]
+    assert tok.decode(r.completion_ids[0, : len(seq)]) == "xy</think>42<eos>"
+
+
+def test_eos_in_slot0_while_thinking_ends_the_completion(tok, model):
+    a = _ids(tok, "a")[0]
+    steered = Steered(model, _force(len(tok), lambda s: a if s < 2 else EOS))
+    r, _, _ = _generate(steered, tok, ["q"])
+    assert r.lengths() == [3]
+    assert r.ids[0, 2].tolist() == [EOS, PAD, PAD] and not r.thinking_mask[0, 2]
+    assert not r.closed[0]
+
+
+def test_thinking_budget_forces_the_marker(tok, model):
+    tok2 = tiny_tokenizer(with_think_token=False)
+    model2 = tiny_model(tok2).eval()
+    a = _ids(tok2, "a")[0]
+    steered = Steered(model2, _force(len(tok2), lambda s: a))  # never closes, never ends
+    r, _, _ = _generate(steered, tok2, ["q", "longer question"], max_thinking_tokens=4, max_new_tokens=20)
+    marker = _ids(tok2, "</think>")
+    for row in range(2):
+        assert r.thinking_mask[row].sum() == 4
+        assert r.ids[row, 4 : 4 + len(marker), 0].tolist() == marker
+        assert r.forced_mask[row].tolist() == [False] * 4 + [True] * len(marker) + [False] * (20 - 4 - len(marker))
+        assert (r.weights[row, 4:, 1:] == 0).all()
+    assert r.closed.all()
+
+
+def test_finished_rows_are_padded_and_stop_costing_compute(tok, model):
+    a = _ids(tok, "a")[0]
+
+    class RowBias(Steered):
+        """Row 0 ends at step 1, row 1 at step 4, row 2 runs to the limit. Finished rows leave the batch in order,
+        so the live rows are always the last `n` of the batch."""
+
+        def forward(self, **kwargs):
+            out = super().forward(**kwargs)
+            n, step = self.batch_sizes[-1], self.step - 1
+            b = torch.full((3, len(tok)), 0.0)
+            b[:, a] = 1e4
+            b[0, EOS] = 3e4 if step == 1 else 0.0
+            b[1, EOS] = 3e4 if step == 4 else 0.0
+            out.logits[:, -1] += b[3 - n :]
+            return out
+
+    steered = RowBias(model, lambda step: torch.zeros(len(tok)))
+    r, _, _ = _generate(steered, tok, ["x", "y", "z"], max_new_tokens=8)
+    assert r.lengths() == [2, 5, 8]
+    assert steered.batch_sizes == [3, 3, 2, 2, 2, 1, 1, 1]  # prefill + 7 decode steps, shrinking
+    assert (r.ids[0, 2:] == PAD).all() and (r.weights[0, 2:] == 0).all() and not r.completion_mask[0, 2:].any()
+    assert (r.logprobs[0, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("width,merge", [(3, "weighted"), (2, "averaged"), (1, "weighted")])
+def test_rollout_logprobs_match_recompute(tok, model, width, merge):
+    """Left padding, mixed finished/unfinished rows, thinking and answer positions, forced budget."""
+    r, input_ids, mask = _generate(
+        model,
+        tok,
+        ["1+1?", "what is two plus two?", "x", "a longer prompt here"],
+        width=width,
+        merge=merge,
+        temperature=0.9,
+        top_k=40,
+        max_new_tokens=40,
+        max_thinking_tokens=12,
+    )
+    assert (mask == 0).any(), "prompts must be left-padded"
+    lengths = r.lengths()
+    assert min(lengths) < max(lengths) or r.completion_mask.all()
+    lp = multiplex_logprobs(
+        model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=0.9, thinking_mask=r.thinking_mask
+    )
+    assert (lp[~r.completion_mask] == 0).all()
+    assert (lp - r.logprobs).abs().max().item() < 1e-5

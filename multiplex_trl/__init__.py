@@ -5,6 +5,7 @@ from .logprobs import multiplex_logprobs
 from .rollout import MultiplexRollout, multiplex_generate
 from .trainer import MultiplexGRPOTrainer
 
+
 __version__ = "0.1.0"
 
 __all__ = [

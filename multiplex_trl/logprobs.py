@@ -21,6 +21,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .sampling import merge_embeddings
 
+
 _VOCAB_CHUNK = 32768  # TRL's _CHUNKED_LOGPROB_CHUNK_SIZE: the widest float32 logits tile ever materialised
 
 

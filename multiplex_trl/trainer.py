@@ -21,6 +21,7 @@ from .config import MultiplexGRPOConfig
 from .logprobs import add_multiplex_head, multiplex_logprobs, unwrap_model
 from .rollout import multiplex_generate
 
+
 # TRL hooks this trainer overrides, with the parameters it relies on (tests/test_trl_hooks.py checks them).
 OVERRIDDEN_HOOKS = {
     "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations"],
@@ -79,7 +80,9 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         # The marker is checked before any model is loaded.
         tokenizer = kwargs.get("processing_class")
         if tokenizer is None and isinstance(model, str):
-            tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                model, padding_side="left", truncation_side="left", trust_remote_code=args.trust_remote_code
+            )
             kwargs["processing_class"] = tokenizer
         if not isinstance(tokenizer, PreTrainedTokenizerBase) and tokenizer is not None:
             tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
@@ -106,7 +109,9 @@ class MultiplexGRPOTrainer(GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if not self.multiplex:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         device = self.accelerator.device
         prompts = [torch.tensor(ids) for ids in prompt_ids]
         input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
@@ -144,7 +149,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
 
     def _generate(self, prompts):
         out = list(super()._generate(prompts))
-        if self.multiplex and self._rollout is not None and out[2] is None:
+        if self.multiplex and self._rollout is not None and out[2] is None and self._rollout.forced_mask.any():
             # Marker tokens forced by the thinking budget were not sampled from the policy: no loss on them.
             forced = self._rollout.forced_mask.cpu()
             out[2] = [(~f[:n]).long().tolist() for f, n in zip(forced, self._rollout.lengths())]

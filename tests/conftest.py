@@ -1,5 +1,6 @@
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -9,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from multiplex_trl.testing import tiny_model, tiny_tokenizer  # noqa: E402
+
 
 torch.set_num_threads(1)
 
@@ -34,8 +36,10 @@ def tiny_model_dir(tmp_path_factory, tok):
 
 def chat_batch(tok, questions):
     """Left-padded chat prompts [B, P] that open thinking."""
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-             for q in questions]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in questions
+    ]
     enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     return enc.input_ids, enc.attention_mask
 

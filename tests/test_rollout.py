@@ -6,6 +6,7 @@ from multiplex_trl.logprobs import multiplex_logprobs
 from multiplex_trl.rollout import multiplex_generate
 from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
+
 EOS, PAD = 1, 0
 
 
@@ -15,14 +16,14 @@ def _ids(tok, text):
 
 def _generate(model, tok, questions, **kwargs):
     input_ids, mask = chat_batch(tok, questions)
-    defaults = dict(
-        width=3,
-        max_new_tokens=30,
-        thinking_end_ids=_ids(tok, "</think>"),
-        eos_token_ids=[tok.eos_token_id],
-        pad_token_id=tok.pad_token_id,
-        generator=torch.Generator().manual_seed(0),
-    )
+    defaults = {
+        "width": 3,
+        "max_new_tokens": 30,
+        "thinking_end_ids": _ids(tok, "</think>"),
+        "eos_token_ids": [tok.eos_token_id],
+        "pad_token_id": tok.pad_token_id,
+        "generator": torch.Generator().manual_seed(0),
+    }
     defaults.update(kwargs)
     return multiplex_generate(model, input_ids, mask, **defaults), input_ids, mask
 

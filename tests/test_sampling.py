@@ -1,7 +1,7 @@
 import pytest
 import torch
-from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from conftest import chat_batch
+from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from multiplex_trl.sampling import draw_slots, filter_logits, merge_embeddings, merge_weights
 
@@ -102,12 +102,20 @@ def test_width_one_matches_model_generate_sampling(tok, model):
     input_ids, mask = chat_batch(tok, ["hello"])
     n = 4000
     input_ids, mask = input_ids.repeat(n, 1), mask.repeat(n, 1)
-    kwargs = dict(temperature=0.8, top_k=20, top_p=0.95)
+    kwargs = {"temperature": 0.8, "top_k": 20, "top_p": 0.95}
     torch.manual_seed(0)
     ref = model.generate(input_ids, attention_mask=mask, do_sample=True, max_new_tokens=1, **kwargs)[:, -1]
     r = multiplex_generate(
-        model, input_ids, mask, width=1, max_new_tokens=1, thinking_end_ids=[4], eos_token_ids=[1],
-        pad_token_id=0, generator=torch.Generator().manual_seed(1), **kwargs,
+        model,
+        input_ids,
+        mask,
+        width=1,
+        max_new_tokens=1,
+        thinking_end_ids=[4],
+        eos_token_ids=[1],
+        pad_token_id=0,
+        generator=torch.Generator().manual_seed(1),
+        **kwargs,
     )
     ours = r.ids[:, 0, 0]
     v = len(tok)

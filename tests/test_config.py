@@ -1,0 +1,70 @@
+import pytest
+
+from multiplex_trl import MultiplexGRPOConfig, MultiplexGRPOTrainer
+
+
+def _config(**kw):
+    return MultiplexGRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none", **kw)
+
+
+def test_defaults_are_the_papers():
+    args = _config()
+    assert (args.multiplex_width, args.multiplex_merge, args.thinking_end) == (3, "weighted", "</think>")
+    assert args.max_thinking_tokens is None
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"multiplex_width": 0}, "multiplex_width must be an integer >= 1"),
+        ({"multiplex_width": "3"}, "multiplex_width must be an integer >= 1"),
+        ({"multiplex_width": 2.5}, "multiplex_width must be an integer >= 1"),
+        ({"multiplex_width": True}, "multiplex_width must be an integer >= 1"),
+        ({"multiplex_merge": "max"}, "multiplex_merge must be one of"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"thinking_end": ""}, "thinking_end must be a non-empty string"),
+        ({"max_thinking_tokens": 512, "max_completion_length": 512}, "max_thinking_tokens .* must be smaller"),
+        ({"max_thinking_tokens": -1}, "max_thinking_tokens must be a non-negative integer"),
+        ({"use_vllm": True}, "use_vllm=True cannot run multiplex rollouts"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty is not supported"),
+    ],
+)
+def test_bad_config_is_one_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        _config(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_unencodable_marker_is_refused_before_the_model_loads(tiny_model_dir, monkeypatch):
+    import transformers
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the marker was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    monkeypatch.setattr("trl.trainer.grpo_trainer.create_model_from_path", no_load)
+    with pytest.raises(ValueError, match="thinking_end='§' cannot be encoded by this tokenizer"):
+        MultiplexGRPOTrainer(
+            model=tiny_model_dir, reward_funcs=lambda completions, **kw: [0.0], args=_config(thinking_end="§")
+        )
+
+
+def test_tools_are_refused_with_multiplex(tok, model):
+    def tool(x: int) -> int:
+        """Adds one.
+
+        Args:
+            x: a number
+        """
+        return x + 1
+
+    with pytest.raises(ValueError, match="tools is not supported with multiplex rollouts"):
+        MultiplexGRPOTrainer(
+            model=model,
+            reward_funcs=lambda completions, **kw: [0.0],
+            args=_config(),
+            processing_class=tok,
+            tools=[tool],
+        )

@@ -1,0 +1,249 @@
+import copy
+import inspect
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+
+import multiplex_trl.trainer as trainer_module
+from multiplex_trl import MultiplexGRPOConfig, MultiplexGRPOTrainer
+from multiplex_trl.testing import tiny_model, tiny_tokenizer
+
+
+def _dataset(n=8):
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{i}+{i}?"}] for i in range(n)]})
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(c[0]["content"]) % 5) for c in completions]
+
+
+def _args(tmp_path, **kw):
+    base = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 20,
+        "max_steps": 1,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "beta": 0.0,
+        "learning_rate": 1e-2,
+        "max_thinking_tokens": 8,
+        "seed": 0,
+    }
+    base.update(kw)
+    return MultiplexGRPOConfig(**base)
+
+
+def _trainer(tok, model, args, **kw):
+    return MultiplexGRPOTrainer(
+        model=model,
+        reward_funcs=kw.pop("reward_funcs", length_reward),
+        args=args,
+        train_dataset=_dataset(),
+        processing_class=tok,
+        **kw,
+    )
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_train_logs_multiplex_metrics_and_updates_weights(tmp_path, tok):
+    model = tiny_model(tok)
+    before = _params(model)
+    tr = _trainer(tok, model, _args(tmp_path, max_steps=2))
+    tr.train()
+    logs = tr.state.log_history[0]
+    for key in ("branch_rate", "distinct_per_step", "thinking_length", "closed_thinking_rate"):
+        assert f"multiplex/{key}" in logs
+    assert 0.0 < logs["multiplex/branch_rate"] <= 1.0
+    assert 1.0 <= logs["multiplex/distinct_per_step"] <= 3.0
+    assert 0.0 < logs["multiplex/thinking_length"] <= 8.0
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+def test_every_trl_loss_type_trains(tmp_path, tok, loss_type):
+    model = tiny_model(tok)
+    before = _params(model)
+    tr = _trainer(tok, model, _args(tmp_path, loss_type=loss_type))
+    tr.train()
+    assert torch.isfinite(torch.tensor(tr.state.log_history[0]["loss"]))
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_iterations_accumulation_sequence_level_and_reward_weights(tmp_path, tok):
+    """num_iterations > 1 and misaligned accumulation make TRL compute old-policy log-probs through our pass."""
+    calls = []
+    model = tiny_model(tok)
+    args = _args(
+        tmp_path,
+        num_iterations=2,
+        gradient_accumulation_steps=3,
+        max_steps=2,
+        importance_sampling_level="sequence",
+        reward_weights=[1.0, 0.5],
+        scale_rewards="batch",
+        per_device_train_batch_size=2,
+        num_generations=6,
+        generation_batch_size=6,
+    )
+    tr = _trainer(tok, model, args, reward_funcs=[length_reward, lambda completions, **kw: [1.0] * len(completions)])
+    original = tr._get_per_token_logps_and_entropies
+
+    def spy(*a, **kw):
+        calls.append(tr._active_slots is not None)
+        return original(*a, **kw)
+
+    tr._get_per_token_logps_and_entropies = spy
+    tr.train()
+    assert calls and all(calls)  # every log-prob call was routed to the multiplex slots
+    assert len(calls) > 2 * 3  # old-policy passes happened besides the loss passes
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in tr.state.log_history if "loss" in h)
+
+
+def test_kl_with_reference_model(tmp_path, tok, tiny_model_dir):
+    tr = MultiplexGRPOTrainer(
+        model=tiny_model_dir,
+        reward_funcs=length_reward,
+        args=_args(tmp_path, beta=0.1),
+        train_dataset=_dataset(),
+        processing_class=tok,
+    )
+    assert tr.ref_model is not None
+    tr.train()
+    kl = tr.state.log_history[0]["kl"]
+    # the reference equals the policy at step 0, so the first KL is ~0, computed from the same slots
+    assert kl == pytest.approx(0.0, abs=1e-6)
+
+
+def test_peft_lora_gets_gradients_through_merged_embeddings(tmp_path, tok):
+    from peft import LoraConfig
+
+    model = tiny_model(tok)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], lora_dropout=0.0)
+    tr = _trainer(tok, model, _args(tmp_path, beta=0.1), peft_config=peft_config)
+    lora = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "lora" in n}
+    assert any("lora_embedding" in n for n in lora)
+    tr.train()
+    changed = {n for n, p in tr.model.named_parameters() if "lora" in n and not torch.equal(lora[n], p)}
+    assert any("lora_embedding" in n for n in changed), changed
+    assert any("q_proj" in n for n in changed)
+    assert "kl" in tr.state.log_history[0]  # reference = adapters disabled
+
+
+def test_generation_is_unwrapped_no_grad_and_rewards_see_slot0_text(tmp_path, tok, monkeypatch):
+    seen, entered = [], []
+    real_unwrap, real_generate = trainer_module.unwrap_model_for_generation, trainer_module.multiplex_generate
+
+    def unwrap(*a, **kw):
+        entered.append(True)
+        return real_unwrap(*a, **kw)
+
+    def generate(*a, **kw):
+        assert not torch.is_grad_enabled()
+        return real_generate(*a, **kw)
+
+    monkeypatch.setattr(trainer_module, "unwrap_model_for_generation", unwrap)
+    monkeypatch.setattr(trainer_module, "multiplex_generate", generate)
+
+    def recording_reward(completions, **kwargs):
+        seen.extend(c[0]["content"] for c in completions)
+        return [0.0] * len(completions)
+
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path), reward_funcs=recording_reward)
+    batch = tr._generate_and_score_completions([{"prompt": p} for p in _dataset(4)["prompt"]])
+    assert entered
+    ids, mask = batch["completion_ids"], batch["completion_mask"].bool()
+    slot0 = batch["multiplex_ids"][..., 0]
+    assert torch.equal(ids[mask], slot0[mask])
+    decoded = [tok.decode(row[m], skip_special_tokens=True) for row, m in zip(ids, mask)]
+    assert seen == decoded
+    assert batch["multiplex_ids"].shape[:2] == ids.shape and batch["thinking_mask"].any()
+
+
+def test_forced_marker_tokens_get_no_loss():
+    tok = tiny_tokenizer(with_think_token=False)
+    args = _args("/tmp/mx-forced", max_thinking_tokens=3, max_completion_length=16)
+    tr = _trainer(tok, tiny_model(tok), args)
+    batch = tr._generate_and_score_completions([{"prompt": p} for p in _dataset(4)["prompt"]])
+    marker = tok.encode("</think>", add_special_tokens=False)
+    assert "tool_mask" in batch
+    forced = (batch["tool_mask"] == 0) & batch["completion_mask"].bool()
+    assert forced.any()
+    for row in range(4):
+        if forced[row].any():  # rows that did not end or close naturally within the budget
+            assert batch["completion_ids"][row][forced[row]].tolist() == marker
+            assert batch["thinking_mask"][row].sum() == 3
+
+
+def test_width_one_reproduces_trl_loss(tmp_path, tok, tiny_model_dir):
+    """Same tokens -> the same log-probs and the same loss as TRL's GRPOTrainer, for K=1."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    common = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 20,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "beta": 0.0,
+        "temperature": 0.9,
+        "loss_type": "grpo",
+    }
+    ours = MultiplexGRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=length_reward,
+        args=MultiplexGRPOConfig(multiplex_width=1, **common),
+        train_dataset=_dataset(),
+        processing_class=tok,
+    )
+    theirs = GRPOTrainer(
+        model=copy.deepcopy(model),
+        reward_funcs=length_reward,
+        args=GRPOConfig(**common),
+        train_dataset=_dataset(),
+        processing_class=tok,
+    )
+    # same-length prompts: no left padding, so both passes number positions identically
+    prompts = [[{"role": "user", "content": f"{i}+{i}?"}] for i in range(4)]
+    batch = ours._generate_and_score_completions([{"prompt": p} for p in prompts])
+    assert (batch["multiplex_weights"][..., 0][batch["completion_mask"].bool()] == 1).all()
+    trl_batch = {k: v for k, v in batch.items() if not k.startswith("multiplex") and k != "thinking_mask"}
+    for tr in (ours, theirs):
+        tr.model.train()
+        tr.current_gradient_accumulation_steps = 1
+    loss_ours = ours._compute_loss(ours.model, batch)
+    loss_theirs = theirs._compute_loss(theirs.model, trl_batch)
+    assert abs(loss_ours.item() - loss_theirs.item()) < 1e-6
+    loss_ours.backward()
+    loss_theirs.backward()
+    for (n, p), (_, q) in zip(ours.model.named_parameters(), theirs.model.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_vllm_with_width_one_falls_through_to_trl(tmp_path, tok):
+    args = _args(tmp_path, multiplex_width=1, use_vllm=True)
+    with pytest.raises(ImportError, match="vLLM"):  # TRL's own vLLM path, which needs vllm installed
+        _trainer(tok, tiny_model(tok), args)
+
+
+def test_overridden_trl_hooks_keep_their_signatures():
+    for name, params in trainer_module.OVERRIDDEN_HOOKS.items():
+        hook = getattr(GRPOTrainer, name, None)
+        assert hook is not None, f"trl.GRPOTrainer.{name} no longer exists"
+        actual = list(inspect.signature(hook).parameters)
+        assert actual[: len(params)] == params, (name, actual)
+    src = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert "self._get_per_token_logps_and_entropies(" in src and "self._generate(" in src
+    assert "self._generate_single_turn(" in inspect.getsource(GRPOTrainer._generate)
+    assert "tool_mask" in inspect.getsource(GRPOTrainer._compute_loss)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from .sampling import MERGES
+from .mixers import MERGES, MIXERS, mixer_from_config
 
 
 @dataclass
@@ -47,6 +47,34 @@ class MultiplexGRPOConfig(GRPOConfig):
         },
     )
 
+    mixer: str = field(
+        default="multiplex",
+        metadata={
+            "help": "Token-mixing rule of the thinking phase: 'multiplex' (this paper), or MoT-G's 'dirichlet' "
+            "(weights ~ Dirichlet(gamma * p) over the top-K) and 'mot_distinct' (K draws without replacement), "
+            "trained with MoT-G's log-likelihood sum_j w_j log pi(k_j). 'soft' (Soft Thinking) and 'gumbel' "
+            "(Stochastic Soft Thinking) are inference-only and refused here.",
+            "choices": sorted(MIXERS),
+        },
+    )
+    dirichlet_gamma: float = field(
+        default=4.0, metadata={"help": "mixer='dirichlet': concentration gamma of Dirichlet(gamma * p) (MoT-G: 4)."}
+    )
+    gumbel_tau: float = field(
+        default=0.5,
+        metadata={"help": "mixer='gumbel': Gumbel-Softmax temperature tau (Stochastic Soft Thinking: 0.5)."},
+    )
+    cold_stop_entropy: float | None = field(
+        default=None,
+        metadata={
+            "help": "mixer='soft': force the marker once the entropy stays below this for `cold_stop_steps` thinking "
+            "positions (Soft Thinking: 0.01). None disables the cold stop."
+        },
+    )
+    cold_stop_steps: int = field(
+        default=256, metadata={"help": "mixer='soft': consecutive low-entropy positions before the cold stop."}
+    )
+
     def __post_init__(self):
         # Checked before GRPOConfig's own checks so the message names our field first.
         width = self.multiplex_width
@@ -56,6 +84,12 @@ class MultiplexGRPOConfig(GRPOConfig):
             raise ValueError(f"multiplex_merge must be one of {list(MERGES)}, got {self.multiplex_merge!r}.")
         if not isinstance(self.thinking_end, str) or not self.thinking_end:
             raise ValueError(f"thinking_end must be a non-empty string such as '</think>', got {self.thinking_end!r}.")
+        mixer = mixer_from_config(self)  # validates the mixer name and its parameters
+        if not mixer.trainable:
+            raise ValueError(
+                f"mixer={self.mixer!r} cannot be trained: {mixer.why_not_trainable}; use 'multiplex', 'dirichlet' "
+                "or 'mot_distinct' for GRPO."
+            )
         if self.top_p is None or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if self.temperature is None or self.temperature <= 0:

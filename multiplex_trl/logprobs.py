@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from .mixers import Mixer, get_mixer
 from .sampling import merge_embeddings
 
 
@@ -69,7 +70,8 @@ def add_multiplex_head(model) -> None:
         *args,
         multiplex_ids=None,  # [B, T, K] completion slots
         multiplex_weights=None,  # [B, T, K]
-        multiplex_slot_mask=None,  # [B, T, K] slots that count in the log-prob
+        multiplex_slot_coefs=None,  # [B, T, K] weight of each slot's log-prob
+        multiplex_completion_mask=None,  # [B, T]
         multiplex_temperature=1.0,
         multiplex_entropy=False,
         **kwargs,
@@ -80,8 +82,7 @@ def add_multiplex_head(model) -> None:
         position_ids = kwargs.pop("position_ids")  # [B, P + T]
         embed = self.get_input_embeddings()
         inputs_embeds = torch.cat([embed(input_ids), merge_embeddings(embed, multiplex_ids, multiplex_weights)], 1)
-        completion_mask = multiplex_slot_mask[..., 0]  # [B, T]
-        full_mask = torch.cat([attention_mask, completion_mask.to(attention_mask.dtype)], dim=1)
+        full_mask = torch.cat([attention_mask, multiplex_completion_mask.to(attention_mask.dtype)], dim=1)
         out = self.base_model(
             inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False, **kwargs
         )
@@ -91,7 +92,8 @@ def add_multiplex_head(model) -> None:
             self.get_output_embeddings(),
             hidden,
             multiplex_ids,
-            multiplex_slot_mask,
+            multiplex_slot_coefs,
+            multiplex_completion_mask.bool(),
             temperature=multiplex_temperature,
             scale=scale,
             softcap=softcap,
@@ -102,20 +104,21 @@ def add_multiplex_head(model) -> None:
     model._multiplex_head = True
 
 
-def _score_slots(lm_head, hidden, ids, slot_mask, *, temperature, scale, softcap, entropy) -> MultiplexLogProbs:
-    valid = slot_mask[..., 0]  # [B, T]
+def _score_slots(lm_head, hidden, ids, coefs, valid, *, temperature, scale, softcap, entropy) -> MultiplexLogProbs:
+    """sum_j c_j log p(k_j) = (sum_j c_j) log p(k_0) + sum_{j>0} c_j (z_j - z_0) on the `valid` positions [B, T]."""
     h = hidden[valid]  # [N, H]
     slots = ids[valid]  # [N, K]
-    extra = slot_mask[valid][:, 1:]  # [N, K-1] slots beyond 0 that count
+    coefs = coefs[valid].float()  # [N, K]
     weight, bias = lm_head.weight, lm_head.bias
     with maybe_gather_lm_head_ctx(weight, bias):
         logp0, ent, *_ = ChunkedLogProbFunction.apply(
             h, weight, bias, slots[:, 0], temperature, _VOCAB_CHUNK, softcap, scale, ("entropy",) if entropy else ()
         )
-        total = logp0
+        total = logp0 * coefs.sum(-1)  # exactly logp0 for a one-hot position
+        extra = coefs[:, 1:]  # [N, K-1]
         if slots.size(1) > 1:
             # z_j - z_0 for the other slots: one dot product each, in float32, on the rows that need it.
-            rows = extra.any(-1)
+            rows = (extra != 0).any(-1)
             y = torch.einsum("nh,nkh->nk", h[rows].float(), weight[slots[rows]].float())  # [n, K]
             if bias is not None:
                 y = y + bias[slots[rows]].float()
@@ -123,7 +126,7 @@ def _score_slots(lm_head, hidden, ids, slot_mask, *, temperature, scale, softcap
             if softcap is not None:
                 y = softcap * torch.tanh(y / softcap)
             z = y / temperature
-            delta = ((z[:, 1:] + logp0[rows].unsqueeze(-1) - z[:, :1]) * extra[rows]).sum(-1)  # sum_j log p(k_j)
+            delta = ((z[:, 1:] - z[:, :1]) * extra[rows]).sum(-1)
             total = total.index_add(0, rows.nonzero().squeeze(-1), delta)
     log_probs = hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, total)
     entropies = None
@@ -132,14 +135,21 @@ def _score_slots(lm_head, hidden, ids, slot_mask, *, temperature, scale, softcap
     return MultiplexLogProbs(log_probs=log_probs, entropy=entropies)
 
 
-def slot_mask_for(ids: torch.Tensor, completion_mask: torch.Tensor, thinking_mask: torch.Tensor | None):
-    """[B, T, K] slots that count: all K at thinking positions, slot 0 elsewhere, nothing off the completion."""
-    completion_mask = completion_mask.bool()
-    mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-    mask[..., 0] = completion_mask
+def slot_coefficients(
+    weights: torch.Tensor,
+    completion_mask: torch.Tensor,
+    thinking_mask: torch.Tensor | None,
+    mixer: Mixer | str = "multiplex",
+) -> torch.Tensor:
+    """[B, T, K] weight of each slot's log-prob: the mixer's rule at thinking positions (all K slots for
+    multiplex), slot 0 alone elsewhere on the completion, nothing off it."""
+    mixer = get_mixer(mixer, weights.size(-1)) if isinstance(mixer, str) else mixer
+    coefs = torch.zeros_like(weights, dtype=torch.float32)
+    coefs[..., 0] = completion_mask.float()
     if thinking_mask is not None:
-        mask |= (thinking_mask.bool() & completion_mask).unsqueeze(-1)
-    return mask
+        thinking = (thinking_mask.bool() & completion_mask.bool()).unsqueeze(-1)
+        coefs = torch.where(thinking, mixer.slot_coefficients(weights.float()), coefs)
+    return coefs
 
 
 def multiplex_logprobs(
@@ -154,15 +164,16 @@ def multiplex_logprobs(
     thinking_mask: torch.Tensor | None = None,
     compute_entropy: bool = False,
     batch_size: int | None = None,
+    mixer: Mixer | str = "multiplex",
 ):
     """Per-position log-probs [B, T] of stored multiplex completions (and entropies [B, T] when asked), in autograd.
 
     `input_ids`/`attention_mask` are the left-padded prompts [B, P]; `ids`/`weights` [B, T, K] the stored slots.
-    Without `thinking_mask`, every position is scored on slot 0 only (a discrete completion). Chunks the batch by
-    `batch_size` rows like TRL.
+    Without `thinking_mask`, every position is scored on slot 0 only (a discrete completion). `mixer` sets how
+    thinking slots count (multiplex: all K; MoT-G mixers: by their weights). Chunks the batch like TRL.
     """
     add_multiplex_head(unwrap_model(model))
-    slot_mask = slot_mask_for(ids, completion_mask, thinking_mask)
+    coefs = slot_coefficients(weights, completion_mask, thinking_mask, mixer)
     full_mask = torch.cat([attention_mask.long(), completion_mask.long()], dim=1)
     position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
     batch_size = batch_size or input_ids.size(0)
@@ -175,7 +186,8 @@ def multiplex_logprobs(
             position_ids=position_ids[rows],
             multiplex_ids=ids[rows],
             multiplex_weights=weights[rows],
-            multiplex_slot_mask=slot_mask[rows],
+            multiplex_slot_coefs=coefs[rows],
+            multiplex_completion_mask=completion_mask[rows],
             multiplex_temperature=temperature,
             multiplex_entropy=compute_entropy,
         )

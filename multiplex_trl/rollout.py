@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import draw_slots, merge_embeddings
+from .mixers import Mixer, get_mixer
+from .sampling import merge_embeddings, prepare_logits
 
 
 @dataclass
@@ -48,13 +49,20 @@ def multiplex_generate(
     pad_token_id: int,
     max_thinking_tokens: int | None = None,
     generator: torch.Generator | None = None,
+    mixer: Mixer | str = "multiplex",
 ) -> MultiplexRollout:
     """Sample multiplex completions for left-padded prompts [B, P].
 
     Thinking phase: K draws per position, fed as their merged embedding, until the slot-0 stream completes the
     `thinking_end_ids` marker (or the budget forces it). Answer phase: one token per position. EOS in slot 0 ends a
     row; finished rows are dropped from the batch (and the KV cache) so they cost nothing.
+    `mixer` swaps the multiplex draw for another token-mixing rule (a name or a `Mixer`, see `multiplex_trl.mixers`).
     """
+    if isinstance(mixer, str):
+        mixer = get_mixer(mixer, width, **({"merge": merge} if mixer == "multiplex" else {}))
+    # Per-slot log-prob coefficients at mixed positions: the method's likelihood, or a plain sum if it has none.
+    coefficients = mixer.slot_coefficients if mixer.trainable else torch.ones_like
+    cold_stop = mixer.cold_stop_entropy
     device = input_ids.device
     batch, k = input_ids.size(0), width
     marker = torch.tensor(thinking_end_ids, device=device)  # [L]
@@ -77,6 +85,7 @@ def multiplex_generate(
     thinking = torch.ones(batch, dtype=torch.bool, device=device)
     thought = torch.zeros(batch, dtype=torch.long, device=device)  # thinking positions so far
     forcing = torch.full((batch,), -1, dtype=torch.long, device=device)  # index into marker while forced, else -1
+    cold = torch.zeros(batch, dtype=torch.long, device=device)  # consecutive low-entropy thinking positions
     recent = torch.full((batch, marker.numel()), -1, dtype=torch.long, device=device)  # last slot-0 ids
     one_hot = torch.zeros(k, device=device)
     one_hot[0] = 1.0
@@ -92,24 +101,24 @@ def multiplex_generate(
     cache, logits = out.past_key_values, out.logits[:, -1]
 
     for t in range(max_new_tokens):
-        ids, weights, logps = draw_slots(
-            logits,
-            width=k,
-            merge=merge,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            generator=generator,
+        filtered, full_logprobs = prepare_logits(
+            logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
         )
-        # Budget reached while thinking: force the marker from here on, one token per position.
+        ids, weights = mixer.draw(filtered, full_logprobs, generator)
+        logps = full_logprobs.gather(-1, ids)
+        # Budget reached, or (Soft Thinking's cold stop) confident for long enough: force the marker from here on.
+        stop = torch.zeros_like(thinking)
         if max_thinking_tokens is not None:
-            forcing = torch.where(thinking & (forcing < 0) & (thought >= max_thinking_tokens), 0, forcing)
+            stop |= thought >= max_thinking_tokens
+        if cold_stop is not None:
+            entropy = torch.special.entr(filtered.softmax(-1)).sum(-1)
+            cold = torch.where(thinking & (entropy < cold_stop), cold + 1, 0)
+            stop |= cold >= mixer.cold_stop_steps
+        forcing = torch.where(thinking & (forcing < 0) & stop, 0, forcing)
         forced = forcing >= 0
-        if max_thinking_tokens is not None:  # branch-free, so the budget adds no host sync
+        if max_thinking_tokens is not None or cold_stop is not None:  # branch-free: no extra host sync
             forced_tok = marker[forcing.clamp(min=0, max=marker.numel() - 1)]
-            scaled = logits.float() / temperature
-            forced_logp = scaled.gather(-1, forced_tok.unsqueeze(-1)) - scaled.logsumexp(-1, keepdim=True)
+            forced_logp = full_logprobs.gather(-1, forced_tok.unsqueeze(-1))
             ids = torch.where(forced.unsqueeze(-1), forced_tok.unsqueeze(-1).expand_as(ids), ids)
             logps = torch.where(forced.unsqueeze(-1), forced_logp.expand_as(logps), logps)
         slot0 = ids[:, 0]
@@ -120,7 +129,7 @@ def multiplex_generate(
         merged = thinking & ~closes & ~ends & ~forced
         weights = torch.where(merged.unsqueeze(-1), weights, one_hot)
         ids = torch.where(merged.unsqueeze(-1), ids, torch.where(one_hot.bool(), ids, pad_token_id))
-        step_logp = torch.where(merged, logps.sum(-1), logps[:, 0])
+        step_logp = torch.where(merged, (coefficients(weights) * logps).sum(-1), logps[:, 0])
 
         out_ids[rows, t] = ids
         out_w[rows, t] = weights
@@ -144,8 +153,8 @@ def multiplex_generate(
             out_done[rows[done], t + 1 :] = True
             keep = (~done).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
-            rows, mask, position, thinking, thought, forcing, recent = (
-                x[keep] for x in (rows, mask, position, thinking, thought, forcing, recent)
+            rows, mask, position, thinking, thought, forcing, recent, cold = (
+                x[keep] for x in (rows, mask, position, thinking, thought, forcing, recent, cold)
             )
             ids, weights = ids[keep], weights[keep]
 

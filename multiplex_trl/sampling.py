@@ -1,11 +1,10 @@
-"""One multiplex step: draw K slots from the policy and merge their embeddings (METHOD.md section 1)."""
+"""One thinking step: filter the policy, draw K slots with a mixer, merge their embeddings (METHOD.md 1)."""
 
 from __future__ import annotations
 
 import torch
 
-
-MERGES = ("weighted", "averaged")
+from .mixers import MERGES, Mixer, Multiplex, merge_weights  # noqa: F401  (re-exported: the merge rule)
 
 
 def filter_logits(
@@ -42,29 +41,23 @@ def draw_slots(
     top_p: float = 1.0,
     min_p: float | None = None,
     generator: torch.Generator | None = None,
+    mixer: Mixer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw `width` tokens i.i.d. with replacement from the filtered policy and weigh them.
+    """Draw the K slots of one position from raw logits [B, V] with `mixer` (default: multiplex, `merge`).
 
-    Returns `ids` [B, K] in draw order (slot 0 first), merge `weights` [B, K] and `logps` [B, K], the log-probability of
-    each draw under the full temperature softmax (the quantity the factorised log-likelihood sums).
+    Returns `ids` [B, K] (slot 0 is the representative token), merge `weights` [B, K] and `logps` [B, K], the
+    log-probability of each slot under the full temperature softmax (the quantity the log-likelihood sums).
     """
-    scaled = logits.float() / temperature  # [B, V]
-    full_logprobs = scaled.log_softmax(dim=-1)
-    filtered = filter_logits(scaled, top_k=top_k, top_p=top_p, min_p=min_p)
-    probs = filtered.softmax(dim=-1)
-    ids = torch.multinomial(probs, width, replacement=True, generator=generator)  # [B, K]
-    logps = full_logprobs.gather(-1, ids)  # [B, K]
-    return ids, merge_weights(logps, merge), logps
+    mixer = mixer or Multiplex(width, merge)
+    filtered, full_logprobs = prepare_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    ids, weights = mixer.draw(filtered, full_logprobs, generator)
+    return ids, weights, full_logprobs.gather(-1, ids)
 
 
-def merge_weights(logps: torch.Tensor, merge: str) -> torch.Tensor:
-    """Weights of the K slots: p(k_j) / sum_l p(k_l) over slots, duplicates counted in their own slots, or 1/K."""
-    if merge == "weighted":
-        # softmax over slots of log p == p_j / sum_l p_l, computed stably; the filter's normaliser cancels.
-        return logps.softmax(dim=-1)
-    if merge == "averaged":
-        return torch.full_like(logps, 1.0 / logps.size(-1))
-    raise ValueError(f"multiplex_merge must be one of {MERGES}, got {merge!r}.")
+def prepare_logits(logits, *, temperature, top_k=None, top_p=1.0, min_p=None):
+    """Raw logits [B, V] -> (filtered temperature-scaled logits, full temperature log-softmax), both float32."""
+    scaled = logits.float() / temperature
+    return filter_logits(scaled, top_k=top_k, top_p=top_p, min_p=min_p), scaled.log_softmax(dim=-1)
 
 
 def merge_embeddings(embedding: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

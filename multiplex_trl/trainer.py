@@ -19,6 +19,7 @@ from trl.trainer.utils import pad
 
 from .config import MultiplexGRPOConfig
 from .logprobs import add_multiplex_head, multiplex_logprobs, unwrap_model
+from .mixers import mixer_from_config
 from .rollout import multiplex_generate
 
 
@@ -91,6 +92,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, **kwargs)
 
         self.multiplex = multiplex
+        self.mixer = mixer_from_config(args)
         self.thinking_end_ids = marker_ids or thinking_end_ids(self._tokenizer, args.thinking_end)
         if self.multiplex:
             if self._is_vlm:
@@ -142,6 +144,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                 eos_token_ids=self.eos_token_ids,
                 pad_token_id=self._tokenizer.pad_token_id,
                 max_thinking_tokens=args.max_thinking_tokens,
+                mixer=self.mixer,
             )
         self._rollout = rollout
         completion_ids = [row[:n].tolist() for row, n in zip(rollout.completion_ids.cpu(), rollout.lengths())]
@@ -218,6 +221,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                 thinking_mask=thinking,
                 compute_entropy=compute_entropy,
                 batch_size=batch_size,
+                mixer=self.mixer,
             )
         logps, entropies = out if compute_entropy else (out, None)
         return logps, entropies, None

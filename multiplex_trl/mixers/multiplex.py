@@ -1,0 +1,39 @@
+"""Multiplex Thinking (Tang et al. 2026): K i.i.d. draws with replacement, weighted by p or averaged."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Mixer
+
+
+MERGES = ("weighted", "averaged")
+
+
+def merge_weights(logps: torch.Tensor, merge: str) -> torch.Tensor:
+    """Weights of the K slots: p(k_j) / sum_l p(k_l) over slots, duplicates counted in their own slots, or 1/K."""
+    if merge == "weighted":
+        # softmax over slots of log p == p_j / sum_l p_l, computed stably; the filter's normaliser cancels.
+        return logps.softmax(dim=-1)
+    if merge == "averaged":
+        return torch.full_like(logps, 1.0 / logps.size(-1))
+    raise ValueError(f"multiplex_merge must be one of {list(MERGES)}, got {merge!r}.")
+
+
+class Multiplex(Mixer):
+    name = "multiplex"
+    trainable = True
+
+    def __init__(self, width: int, merge: str = "weighted"):
+        super().__init__(width)
+        if merge not in MERGES:
+            raise ValueError(f"multiplex_merge must be one of {list(MERGES)}, got {merge!r}.")
+        self.merge = merge
+
+    def draw(self, filtered, full_logprobs, generator):
+        ids = torch.multinomial(filtered.softmax(-1), self.width, replacement=True, generator=generator)
+        return ids, merge_weights(full_logprobs.gather(-1, ids), self.merge)
+
+    def slot_coefficients(self, weights):
+        # The K draws are independent: the position's log-prob is the sum over all K slots.
+        return torch.ones_like(weights)

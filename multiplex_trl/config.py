@@ -75,6 +75,21 @@ class MultiplexGRPOConfig(GRPOConfig):
         default=256, metadata={"help": "mixer='soft': consecutive low-entropy positions before the cold stop."}
     )
 
+    reward_error: str = field(
+        default="raise",
+        metadata={
+            "help": "When a reward function raises: 'raise' stops the run naming the function and the sample; "
+            "'none' scores that sample None (TRL's semantics: excluded from the group baseline, zero advantage).",
+            "choices": ["raise", "none"],
+        },
+    )
+
+    def __getstate__(self):
+        # Saved configs (training_args.bin in every checkpoint, and on the Hub) never carry the Hub token.
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
+
     def __post_init__(self):
         # Checked before GRPOConfig's own checks so the message names our field first.
         width = self.multiplex_width
@@ -90,6 +105,8 @@ class MultiplexGRPOConfig(GRPOConfig):
                 f"mixer={self.mixer!r} cannot be trained: {mixer.why_not_trainable}; use 'multiplex', 'dirichlet' "
                 "or 'mot_distinct' for GRPO."
             )
+        if self.reward_error not in ("raise", "none"):
+            raise ValueError(f"reward_error must be 'raise' or 'none', got {self.reward_error!r}.")
         if self.top_p is None or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if self.temperature is None or self.temperature <= 0:

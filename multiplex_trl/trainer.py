@@ -9,10 +9,13 @@ Four hooks are overridden; everything else (rewards, advantages, every loss type
 
 from __future__ import annotations
 
+import functools
+import signal
+import threading
 from contextlib import contextmanager
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
@@ -38,6 +41,7 @@ OVERRIDDEN_HOOKS = {
         "compute_entropy",
     ],
     "_compute_loss": ["self", "model", "inputs"],
+    "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
 }
 
 
@@ -59,6 +63,65 @@ def _pad_time(x: torch.Tensor, length: int, value) -> torch.Tensor:
     shape = list(x.shape)
     shape[1] = length - x.size(1)
     return torch.cat([x, x.new_full(shape, value)], dim=1)
+
+
+def guard_reward(func, policy: str):
+    """Wrap a reward function so an exception names the function and the first failing sample.
+
+    policy 'raise' re-raises; 'none' scores the failing samples None (others keep their rewards).
+    """
+    name = getattr(func, "__name__", type(func).__name__)
+
+    @functools.wraps(func)
+    def guarded(*args, completions, **kwargs):
+        try:
+            return func(*args, completions=completions, **kwargs)
+        except Exception as batch_error:  # locate the sample by scoring one completion at a time
+            n = len(completions)
+            per_sample = {k: v for k, v in kwargs.items() if isinstance(v, list) and len(v) == n}
+            rewards = []
+            for i in range(n):
+                one = {k: (v[i : i + 1] if k in per_sample else v) for k, v in kwargs.items()}
+                try:
+                    rewards.append(func(*args, completions=completions[i : i + 1], **one)[0])
+                except Exception as error:
+                    if policy == "raise":
+                        raise RuntimeError(
+                            f"reward function '{name}' raised on sample {i} of the batch: {error!r}; fix the "
+                            "function, or set reward_error='none' to score such samples None."
+                        ) from error
+                    rewards.append(None)
+            if policy == "raise":  # the batch call failed but every single call passed
+                raise RuntimeError(f"reward function '{name}' raised on the batch: {batch_error!r}") from batch_error
+            return rewards
+
+    return guarded
+
+
+class SaveOnSigterm(TrainerCallback):
+    """On SIGTERM (preemption, `kill`), finish the current step, save a checkpoint and stop cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 class MultiplexGRPOTrainer(GRPOTrainer):
@@ -104,6 +167,10 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             add_multiplex_head(unwrap_model(self.model))
             if self.ref_model is not None:
                 add_multiplex_head(unwrap_model(self.ref_model))
+        self.reward_funcs = [
+            f if isinstance(f, torch.nn.Module) else guard_reward(f, args.reward_error) for f in self.reward_funcs
+        ]
+        self.add_callback(SaveOnSigterm())
         self._rollout = None  # slots of the current generation batch, set by _generate_single_turn
         self._active_slots = None  # (ids, weights, thinking_mask) of the rows being scored
 
@@ -129,26 +196,43 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            rollout = multiplex_generate(
-                unwrapped_model,
-                input_ids,
-                attention_mask,
-                width=args.multiplex_width,
-                merge=args.multiplex_merge,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k,
-                min_p=self.min_p,
-                max_new_tokens=self.max_completion_length,
-                thinking_end_ids=self.thinking_end_ids,
-                eos_token_ids=self.eos_token_ids,
-                pad_token_id=self._tokenizer.pad_token_id,
-                max_thinking_tokens=args.max_thinking_tokens,
-                mixer=self.mixer,
-            )
+            try:
+                rollout = self._multiplex_generate(unwrapped_model, input_ids, attention_mask)
+            except RuntimeError as error:  # torch.multinomial on NaN/inf probabilities
+                if "multinomial" not in str(error) and "probability" not in str(error):
+                    raise
+                raise FloatingPointError(self._non_finite("logits during the rollout")) from error
+        if not (torch.isfinite(rollout.weights).all() and torch.isfinite(rollout.logprobs).all()):
+            raise FloatingPointError(self._non_finite("merge weights or log-probs in the rollout"))
         self._rollout = rollout
         completion_ids = [row[:n].tolist() for row, n in zip(rollout.completion_ids.cpu(), rollout.lengths())]
         return completion_ids, None
+
+    def _non_finite(self, what: str) -> str:
+        return (
+            f"non-finite {what} at step {self.state.global_step}: the weights were not updated with it; lower the "
+            "learning rate or use bf16 instead of fp16, and resume from the last checkpoint."
+        )
+
+    def _multiplex_generate(self, model, input_ids, attention_mask):
+        args = self.args
+        return multiplex_generate(
+            model,
+            input_ids,
+            attention_mask,
+            width=args.multiplex_width,
+            merge=args.multiplex_merge,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            max_new_tokens=self.max_completion_length,
+            thinking_end_ids=self.thinking_end_ids,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self._tokenizer.pad_token_id,
+            max_thinking_tokens=args.max_thinking_tokens,
+            mixer=self.mixer,
+        )
 
     def _generate(self, prompts):
         out = list(super()._generate(prompts))
@@ -195,7 +279,19 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
         slots = (inputs["multiplex_ids"], inputs["multiplex_weights"], inputs["thinking_mask"])
         with self._scoring(lambda: slots):
-            return super()._compute_loss(model, inputs)
+            loss = super()._compute_loss(model, inputs)
+        if not torch.isfinite(loss):  # raised before backward, so the weights never see it
+            raise FloatingPointError(self._non_finite("loss"))
+        return loss
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if torch.isnan(rewards).all():
+            raise ValueError(
+                f"every reward function returned None for every completion at step {self.state.global_step}, so "
+                "there is nothing to learn from: check that the reward functions match this dataset's columns."
+            )
+        return rewards
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs

@@ -1,0 +1,203 @@
+"""Faults: failing rewards, NaNs, resume, SIGTERM, determinism, secrets."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from multiplex_trl import MultiplexGRPOTrainer
+from multiplex_trl.testing import tiny_model
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_trainer import _args, _dataset, _trainer, length_reward  # noqa: E402
+
+
+def _batch(tr, n=4):
+    return tr._generate_and_score_completions([{"prompt": p} for p in _dataset(n)["prompt"]])
+
+
+def flaky_reward(prompts, completions, **kwargs):
+    """Fails on the prompt '2+2?' (sample 2 of `_batch`)."""
+    return [1 / 0 if "2+2" in p[-1]["content"] else 1.0 for p in prompts]
+
+
+def test_raising_reward_names_the_function_and_the_sample(tmp_path, tok):
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path), reward_funcs=[length_reward, flaky_reward])
+    with pytest.raises(RuntimeError, match=r"reward function 'flaky_reward' raised on sample 2 .*ZeroDivisionError"):
+        _batch(tr)
+
+
+def test_raising_reward_scores_none_when_asked(tmp_path, tok):
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path, reward_error="none"), reward_funcs=[flaky_reward])
+    batch = _batch(tr)
+    assert batch["advantages"][2] == 0.0  # unscorable: TRL zeroes its advantage
+    logged = list(tr._logs["rewards"]["flaky_reward"])
+    assert logged[2] != logged[2] and logged[:2] + logged[3:] == [1.0] * 3  # NaN for the failing sample only
+
+
+def test_reward_that_returns_none_for_all_is_refused(tmp_path, tok):
+    tr = _trainer(
+        tok, tiny_model(tok), _args(tmp_path), reward_funcs=lambda completions, **kw: [None] * len(completions)
+    )
+    with pytest.raises(ValueError, match="every reward function returned None for every completion at step 0"):
+        _batch(tr)
+
+
+def test_reward_of_wrong_length_is_refused(tmp_path, tok):
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path), reward_funcs=lambda completions, **kw: [1.0])
+    with pytest.raises(ValueError, match="returned 1 rewards, but 4 were expected"):
+        _batch(tr)
+
+
+def test_nan_logits_stop_the_run_before_the_weights_change(tmp_path, tok):
+    model = tiny_model(tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr = _trainer(tok, model, _args(tmp_path, max_steps=3))
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    model.model.norm.weight.fill_(float("nan"))
+                nonlocal_snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    nonlocal_snapshot = {}
+    tr.add_callback(Poison())
+    with pytest.raises(FloatingPointError, match="non-finite logits during the rollout at step 1"):
+        tr.train()
+    for n, p in model.named_parameters():  # nothing after the poisoning reached the weights
+        assert torch.equal(p, nonlocal_snapshot[n]) or torch.isnan(p).all(), n
+    assert any(not torch.equal(before[n], nonlocal_snapshot[n]) for n in before)  # step 0 did train
+
+
+def test_nan_loss_is_caught_before_backward(tmp_path, tok):
+    model = tiny_model(tok)
+    tr = _trainer(tok, model, _args(tmp_path))
+    batch = _batch(tr)
+    batch["advantages"] = torch.full_like(batch["advantages"], float("nan"))
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 0"):
+        tr._compute_loss(tr.model, batch)
+
+
+def _train(tmp_path, tok, name, **kw):
+    model = tiny_model(tok)
+    args = _args(tmp_path / name, max_steps=4, lr_scheduler_type="constant", learning_rate=5e-3, **kw)
+    tr = _trainer(tok, model, args)
+    return tr, model
+
+
+def test_same_seed_same_rollouts_and_loss(tmp_path, tok):
+    runs = []
+    for name in ("a", "b"):
+        tr, model = _train(tmp_path, tok, name)
+        tr.train()
+        runs.append(
+            (
+                [h.get("loss") for h in tr.state.log_history],
+                [h.get("reward") for h in tr.state.log_history],
+                [p.detach().clone() for p in model.parameters()],
+            )
+        )
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
+
+
+def test_resume_reaches_the_same_metrics_as_an_uninterrupted_run(tmp_path, tok):
+    full, full_model = _train(tmp_path, tok, "full", save_strategy="no")
+    full.train()
+
+    class StopAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+                control.should_save = True
+
+    first, _ = _train(tmp_path, tok, "resumed", save_strategy="no")
+    first.add_callback(StopAt2())
+    first.train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").exists()
+
+    second, resumed_model = _train(tmp_path, tok, "resumed", save_strategy="no")
+    second.train(resume_from_checkpoint=str(checkpoint))
+    metrics = ("loss", "reward", "multiplex/branch_rate", "multiplex/thinking_length")
+    full_logs = [{k: h[k] for k in metrics} for h in full.state.log_history if "loss" in h]
+    resumed_logs = [{k: h[k] for k in metrics} for h in second.state.log_history if "loss" in h]
+    assert resumed_logs[-2:] == full_logs[-2:]  # steps 3 and 4
+    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from transformers import TrainerCallback
+    from multiplex_trl.testing import tiny_model, tiny_tokenizer
+    from test_trainer import _args, _trainer
+    tok = tiny_tokenizer()
+    tr = _trainer(tok, tiny_model(tok), _args({out!r}, max_steps=10_000, save_strategy="no"))
+    class Announce(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            print("STEP", state.global_step, flush=True)
+    tr.add_callback(Announce())
+    tr.train()
+    print("EXITED CLEANLY", tr.state.global_step, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_usable_checkpoint_and_stops(tmp_path):
+    out = tmp_path / "run"
+    script = SIGTERM_SCRIPT.format(tests=os.path.dirname(__file__), out=str(out))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("STEP 3"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    lines += rest.splitlines()
+    assert proc.returncode == 0, lines[-5:]
+    assert any(line.startswith("EXITED CLEANLY") for line in lines)
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, "no checkpoint was saved on SIGTERM"
+    last = checkpoints[-1]
+    assert int(last.name.split("-")[1]) >= 3
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(last)
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+    assert (last / "trainer_state.json").exists() and (last / "optimizer.pt").exists()
+
+
+def test_hub_token_never_reaches_saved_configs_or_logs(tmp_path, tok, capsys):
+    secret = "hf_SECRETtoken1234567890"
+    tr = _trainer(
+        tok, tiny_model(tok), _args(tmp_path, hub_token=secret, save_strategy="steps", save_steps=1, report_to="none")
+    )
+    tr.train()
+    tr.save_model(str(tmp_path / "final"))
+    assert tr.args.hub_token == secret  # still usable for pushing
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    args = torch.load(tmp_path / "final" / "training_args.bin", weights_only=False)
+    assert args.hub_token is None
+    assert secret not in tr.args.to_json_string()
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err
+    assert isinstance(tr, MultiplexGRPOTrainer)

@@ -1,0 +1,149 @@
+"""Reward functions with TRL's signature `fn(completions, **kwargs) -> list[float | None]`, and their registry.
+
+Rewards grade the answer phase: the text after the end-of-thinking marker (the whole text when the marker is absent).
+Dataset columns arrive as keyword lists: `answer` for every dataset, `task` and `rg_entry` for reasoning_gym ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from math_verify import parse, verify
+
+
+THINKING_END = "</think>"  # the marker that closes the thinking phase; change it with set_thinking_end()
+
+
+def set_thinking_end(marker: str) -> None:
+    """Set the end-of-thinking marker the rewards split on (the trainer calls this with its configured marker)."""
+    global THINKING_END
+    if not marker:
+        raise ValueError("The end-of-thinking marker must be a non-empty string.")
+    THINKING_END = marker
+
+
+def extract_answer(text: str, thinking_end: str | None = None) -> str:
+    """The answer phase of a completion: the text after the first end-of-thinking marker, or all of it if absent."""
+    marker = thinking_end or THINKING_END
+    # Thinking stops at the first marker (METHOD.md section 1), so everything after it is the answer phase.
+    _, found, after = text.partition(marker)
+    return after if found else text
+
+
+def completion_text(completion: str | list[dict[str, str]]) -> str:
+    """The text of one completion, plain or conversational ([{"role": "assistant", "content": ...}])."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float | None]:
+    """1.0 if math-verify finds the answer phase equal to the gold `answer`, else 0.0; None if the gold won't parse."""
+    # No timeouts: they rely on signal.alarm, which fails outside the main thread (TRL may call from threads).
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # silences "Timeout is disabled" on every call
+    rewards = []
+    for completion, gold in zip(completions, answer, strict=True):
+        gold_parsed = _parse_gold(str(gold))
+        if not gold_parsed:
+            rewards.append(None)  # TRL treats None as "no reward" for this sample
+            continue
+        predicted = parse(extract_answer(completion_text(completion)), parsing_timeout=None)
+        rewards.append(float(verify(gold_parsed, predicted, timeout_seconds=None)))
+    return rewards
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> list:
+    # A bare answer ("18", "\frac{1}{2}") needs math delimiters to be read as LaTeX.
+    text = gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
+    return parse(text, parsing_timeout=None)
+
+
+def extract_final(text: str) -> str:
+    """The final answer in an answer phase: the last \\boxed{...}, else the last <answer>...</answer>, else the last
+    non-empty line with any "Answer:" / "The answer is" lead-in removed."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    tagged = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
+    if tagged:
+        return tagged[-1].strip()
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return re.sub(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", "", lines[-1], flags=re.IGNORECASE).strip()
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} in `text` (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _score_fn(task: str) -> Callable[[str | None, dict[str, Any]], float]:
+    from reasoning_gym import get_score_answer_fn
+
+    return get_score_answer_fn(task)  # builds the task's dataset once; cached per task
+
+
+def reasoning_gym_reward(
+    completions: list, rg_entry: list[str], task: list[str] | None = None, **kwargs
+) -> list[float | None]:
+    """reasoning_gym's own score (0..1, some tasks give partial credit) of the final answer in the answer phase."""
+    rewards = []
+    for i, completion in enumerate(completions):
+        entry = json.loads(rg_entry[i])
+        name = task[i] if task is not None else entry["metadata"]["source_dataset"]
+        predicted = extract_final(extract_answer(completion_text(completion)))
+        rewards.append(float(_score_fn(name)(predicted, entry)))
+    return rewards
+
+
+def format_reward(completions: list, **kwargs) -> list[float | None]:
+    """1.0 if the completion closes thinking with the marker and writes a non-empty answer after it, else 0.0."""
+    rewards = []
+    for completion in completions:
+        _, found, after = completion_text(completion).partition(THINKING_END)
+        rewards.append(1.0 if found and after.strip() else 0.0)
+    return rewards
+
+
+REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
+    "accuracy": accuracy_reward,
+    "reasoning_gym": reasoning_gym_reward,
+    "format": format_reward,
+}
+
+
+def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float | None]]]:
+    """Look each name up in REWARD_FUNCS, else import it as a dotted path `package.module.function`."""
+    return [_get_reward_func(name) for name in names]
+
+
+def _get_reward_func(name: str) -> Callable[..., list[float | None]]:
+    if name in REWARD_FUNCS:
+        return REWARD_FUNCS[name]
+    module_name, _, attr = name.rpartition(".")
+    if not module_name:
+        raise ValueError(f"Unknown reward function {name!r}: use one of {sorted(REWARD_FUNCS)} or a dotted path.")
+    try:
+        func = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"Cannot import reward function {name!r} ({error}); use one of {sorted(REWARD_FUNCS)} or a dotted path."
+        ) from error
+    if not callable(func):
+        raise ValueError(f"Reward function {name!r} is not callable.")
+    return func

@@ -1,0 +1,100 @@
+import json
+import threading
+
+import pytest
+
+from multiplex_trl import rewards
+from multiplex_trl.rewards import (
+    REWARD_FUNCS,
+    accuracy_reward,
+    extract_answer,
+    extract_final,
+    format_reward,
+    get_reward_funcs,
+    reasoning_gym_reward,
+)
+
+
+def chat(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def test_extract_answer_splits_at_the_first_marker():
+    assert extract_answer("think</think>answer") == "answer"
+    assert extract_answer("a</think>b</think>c") == "b</think>c"
+    assert extract_answer("no marker") == "no marker"
+    assert extract_answer("x\n</reasoning>\ny", thinking_end="</reasoning>") == "\ny"
+
+
+def test_accuracy_on_known_pairs():
+    completions = [
+        chat("so 2+2</think>The answer is \\boxed{4}."),  # right, boxed
+        chat("</think>\\boxed{5}"),  # wrong
+        chat("</think>It is 0.5"),  # \frac{1}{2} == 0.5
+        chat("</think>\\boxed{\\frac{1}{2}}"),  # 0.5 == \frac{1}{2}
+        "plain string, no marker: 18",  # graded on the whole text
+        chat("I guess \\boxed{7}</think>\\boxed{8}"),  # only the answer phase counts
+    ]
+    answers = ["4", "4", "\\frac{1}{2}", "0.5", "18", "7"]
+    assert accuracy_reward(completions, answer=answers) == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_accuracy_skips_unparseable_gold():
+    assert accuracy_reward([chat("</think>1")], answer=[""]) == [None]
+
+
+def test_accuracy_runs_outside_the_main_thread():
+    out = []
+    thread = threading.Thread(target=lambda: out.extend(accuracy_reward([chat("</think>\\boxed{3}")], answer=["3"])))
+    thread.start()
+    thread.join()
+    assert out == [1.0]
+
+
+def test_marker_is_configurable(monkeypatch):
+    monkeypatch.setattr(rewards, "THINKING_END", "</think>")
+    rewards.set_thinking_end("Final answer:")
+    assert format_reward(["steps... Final answer: 3", "steps... </think> 3"]) == [1.0, 0.0]
+    assert accuracy_reward(["2 Final answer: 3"], answer=["3"]) == [1.0]
+    with pytest.raises(ValueError, match="non-empty"):
+        rewards.set_thinking_end("")
+
+
+def test_format_needs_marker_and_answer():
+    assert format_reward([chat("a</think>b"), chat("a</think>  \n"), chat("no marker")]) == [1.0, 0.0, 0.0]
+
+
+def test_extract_final():
+    assert extract_final("so \\boxed{\\frac{1}{2}} ok") == "\\frac{1}{2}"
+    assert extract_final("x <answer> 12 </answer> y") == "12"
+    assert extract_final("work\n\nAnswer: 42\n") == "42"
+    assert extract_final("work\nThe final answer is 7") == "7"
+    assert extract_final("") == ""
+
+
+def test_reasoning_gym_scores_with_the_task():
+    import reasoning_gym
+
+    entry = reasoning_gym.create_dataset("chain_sum", size=1, seed=0)[0]
+    gold = entry["answer"]
+    completions = [chat(f"</think>\\boxed{{{gold}}}"), chat(f"thinking</think>\nAnswer: {gold}"), chat("</think>no")]
+    rg_entry = [json.dumps(entry)] * 3
+    assert reasoning_gym_reward(completions, rg_entry=rg_entry, task=["chain_sum"] * 3) == [1.0, 1.0, 0.0]
+    # Without a task column the entry's own metadata names the task.
+    assert reasoning_gym_reward(completions[:1], rg_entry=rg_entry[:1]) == [1.0]
+
+
+def test_registry_and_dotted_paths():
+    assert get_reward_funcs(["accuracy", "format", "reasoning_gym"]) == [
+        accuracy_reward,
+        format_reward,
+        reasoning_gym_reward,
+    ]
+    assert [f.__name__ for f in REWARD_FUNCS.values()] == ["accuracy_reward", "reasoning_gym_reward", "format_reward"]
+    assert get_reward_funcs(["multiplex_trl.rewards.format_reward"]) == [format_reward]
+    with pytest.raises(ValueError, match=r"Unknown reward function 'nope'.*\['accuracy', 'format', 'reasoning_gym'\]"):
+        get_reward_funcs(["nope"])
+    with pytest.raises(ValueError, match="Cannot import reward function 'no_such_pkg.fn'.*accuracy"):
+        get_reward_funcs(["no_such_pkg.fn"])
+    with pytest.raises(ValueError, match="Cannot import"):
+        get_reward_funcs(["multiplex_trl.rewards.no_such_fn"])

@@ -1,6 +1,7 @@
 """Multiplex Thinking for TRL: K-token branch-and-merge rollouts trained with GRPO (Tang et al. 2026)."""
 
 from .config import MultiplexGRPOConfig
+from .inference import Sample, format_branches, generate
 from .logprobs import multiplex_logprobs
 from .rollout import MultiplexRollout, multiplex_generate
 from .trainer import MultiplexGRPOTrainer
@@ -12,6 +13,9 @@ __all__ = [
     "MultiplexGRPOConfig",
     "MultiplexGRPOTrainer",
     "MultiplexRollout",
+    "Sample",
+    "format_branches",
+    "generate",
     "multiplex_generate",
     "multiplex_logprobs",
 ]

@@ -69,15 +69,7 @@ def multiplex_generate(
     eos = torch.tensor(eos_token_ids, device=device)
     embed = model.get_input_embeddings()
 
-    out_ids = torch.full((batch, max_new_tokens, k), pad_token_id, dtype=torch.long, device=device)
-    out_w = torch.zeros((batch, max_new_tokens, k), dtype=torch.float32, device=device)
-    out_think = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
-    out_done = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)  # True after the last token
-    out_forced = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)
-    out_logp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
-    out_closed = torch.zeros(batch, dtype=torch.bool, device=device)
-
-    # Per active row state. `rows` maps active rows back to the batch.
+    # Per active row state; `rows` maps active rows back to the batch. Finished rows leave these tensors.
     rows = torch.arange(batch, device=device)
     prompt_len = input_ids.size(1)
     mask = torch.cat([attention_mask.long(), attention_mask.new_ones(batch, max_new_tokens).long()], dim=-1)
@@ -89,14 +81,13 @@ def multiplex_generate(
     recent = torch.full((batch, marker.numel()), -1, dtype=torch.long, device=device)  # last slot-0 ids
     one_hot = torch.zeros(k, device=device)
     one_hot[0] = 1.0
+    slot_is_pad = ~one_hot.bool()
+    may_force = max_thinking_tokens is not None or cold_stop is not None
+    steps = []  # per step: (rows, ids, weights, merged, forced, logp, closes), written out once after the loop
 
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        logits_to_keep=1,
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
     )
     cache, logits = out.past_key_values, out.logits[:, -1]
 
@@ -104,59 +95,51 @@ def multiplex_generate(
         filtered, full_logprobs = prepare_logits(
             logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
         )
-        ids, weights = mixer.draw(filtered, full_logprobs, generator)
-        logps = full_logprobs.gather(-1, ids)
-        # Budget reached, or (Soft Thinking's cold stop) confident for long enough: force the marker from here on.
-        stop = torch.zeros_like(thinking)
-        if max_thinking_tokens is not None:
-            stop |= thought >= max_thinking_tokens
-        if cold_stop is not None:
-            entropy = torch.special.entr(filtered.softmax(-1)).sum(-1)
-            cold = torch.where(thinking & (entropy < cold_stop), cold + 1, 0)
-            stop |= cold >= mixer.cold_stop_steps
-        forcing = torch.where(thinking & (forcing < 0) & stop, 0, forcing)
-        forced = forcing >= 0
-        if max_thinking_tokens is not None or cold_stop is not None:  # branch-free: no extra host sync
+        ids, weights = mixer.draw(filtered, full_logprobs, generator)  # [b, K]
+        forced = None
+        if may_force:  # budget reached, or confident for long enough (cold stop): force the marker from here on
+            stop = thought >= max_thinking_tokens if max_thinking_tokens is not None else torch.zeros_like(thinking)
+            if cold_stop is not None:
+                entropy = torch.special.entr(filtered.softmax(-1)).sum(-1)
+                cold = torch.where(thinking & (entropy < cold_stop), cold + 1, 0)
+                stop = stop | (cold >= mixer.cold_stop_steps)
+            forcing = torch.where(thinking & (forcing < 0) & stop, 0, forcing)
+            forced = forcing >= 0
             forced_tok = marker[forcing.clamp(min=0, max=marker.numel() - 1)]
-            forced_logp = full_logprobs.gather(-1, forced_tok.unsqueeze(-1))
-            ids = torch.where(forced.unsqueeze(-1), forced_tok.unsqueeze(-1).expand_as(ids), ids)
-            logps = torch.where(forced.unsqueeze(-1), forced_logp.expand_as(logps), logps)
+            ids = torch.where(forced.unsqueeze(-1), forced_tok.unsqueeze(-1), ids)
+        logps = full_logprobs.gather(-1, ids)
         slot0 = ids[:, 0]
-        recent = torch.cat([recent[:, 1:], slot0.unsqueeze(-1)], dim=-1)
-        closes = thinking & ((recent == marker).all(-1) | (forced & (forcing == marker.numel() - 1)))
-        ends = (slot0.unsqueeze(-1) == eos).any(-1) & ~forced
-        # Merged positions: thinking rows that neither close thinking nor end here. The rest are one-hot.
-        merged = thinking & ~closes & ~ends & ~forced
+        if marker.numel() == 1:
+            closes = thinking & (slot0 == marker[0])
+        else:  # match the marker's token sequence on the slot-0 stream
+            recent = torch.cat([recent[:, 1:], slot0.unsqueeze(-1)], dim=-1)
+            closes = thinking & ((recent == marker).all(-1) | (forcing == marker.numel() - 1))
+        ends = torch.isin(slot0, eos)
+        merged = thinking & ~closes & ~ends  # thinking rows that neither close thinking nor end here
+        if forced is not None:
+            ends = ends & ~forced
+            merged = merged & ~forced
+            forcing = torch.where(forced, forcing + 1, forcing)
+            forcing = torch.where(forcing >= marker.numel(), -1, forcing)
+        # Everything but a merged position is stored and fed one-hot: [tok, pad, ...] with weights [1, 0, ...].
         weights = torch.where(merged.unsqueeze(-1), weights, one_hot)
-        ids = torch.where(merged.unsqueeze(-1), ids, torch.where(one_hot.bool(), ids, pad_token_id))
+        ids = ids.masked_fill(~merged.unsqueeze(-1) & slot_is_pad, pad_token_id)
         step_logp = torch.where(merged, (coefficients(weights) * logps).sum(-1), logps[:, 0])
-
-        out_ids[rows, t] = ids
-        out_w[rows, t] = weights
-        out_think[rows, t] = merged
-        out_forced[rows, t] = forced
-        out_logp[rows, t] = step_logp
-        out_closed[rows] |= closes
-
-        thought = thought + merged.long()
-        forcing = torch.where(forced, forcing + 1, forcing)
-        forcing = torch.where(forcing >= marker.numel(), -1, forcing)
+        steps.append((rows, ids, weights, merged, forced, step_logp, closes))
+        thought = thought + merged
         thinking = thinking & ~closes
-        done = ends
+
         if t == max_new_tokens - 1:
             break
-        n_done = int(done.sum())  # the one host sync per step
+        n_done = int(ends.sum())  # the one host sync per step
         if n_done == rows.numel():
-            out_done[rows, t + 1 :] = True
             break
         if n_done:
-            out_done[rows[done], t + 1 :] = True
-            keep = (~done).nonzero().squeeze(-1)
+            keep = (~ends).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
-            rows, mask, position, thinking, thought, forcing, recent, cold = (
-                x[keep] for x in (rows, mask, position, thinking, thought, forcing, recent, cold)
+            rows, mask, position, thinking, thought, forcing, recent, cold, ids, weights = (
+                x[keep] for x in (rows, mask, position, thinking, thought, forcing, recent, cold, ids, weights)
             )
-            ids, weights = ids[keep], weights[keep]
 
         out = model(
             inputs_embeds=merge_embeddings(embed, ids, weights).unsqueeze(1),
@@ -168,14 +151,32 @@ def multiplex_generate(
         cache, logits = out.past_key_values, out.logits[:, -1]
         position = position + 1
 
-    completion_mask = ~out_done
-    length = int(completion_mask.sum(-1).max())  # trim to the longest row
+    # Scatter the per-step records into [B, T, ...] once.
+    length = len(steps)
+    step_rows = torch.cat([s[0] for s in steps])
+    step_t = torch.cat([torch.full_like(s[0], t) for t, s in enumerate(steps)])
+    at = (step_rows, step_t)
+    out_ids = torch.full((batch, length, k), pad_token_id, dtype=torch.long, device=device)
+    out_ids[at] = torch.cat([s[1] for s in steps])
+    out_w = torch.zeros((batch, length, k), dtype=torch.float32, device=device)
+    out_w[at] = torch.cat([s[2] for s in steps])
+    completion_mask = torch.zeros((batch, length), dtype=torch.bool, device=device)
+    completion_mask[at] = True
+    thinking_mask = torch.zeros_like(completion_mask)
+    thinking_mask[at] = torch.cat([s[3] for s in steps])
+    forced_mask = torch.zeros_like(completion_mask)
+    if may_force:
+        forced_mask[at] = torch.cat([s[4] for s in steps])
+    logprobs = torch.zeros((batch, length), dtype=torch.float32, device=device)
+    logprobs[at] = torch.cat([s[5] for s in steps])
+    closes = torch.cat([s[6] for s in steps]).long()
+    closed = torch.zeros(batch, dtype=torch.long, device=device).index_add_(0, step_rows, closes) > 0
     return MultiplexRollout(
-        ids=out_ids[:, :length],
-        weights=out_w[:, :length],
-        thinking_mask=(out_think & completion_mask)[:, :length],
-        completion_mask=completion_mask[:, :length],
-        forced_mask=(out_forced & completion_mask)[:, :length],
-        logprobs=(out_logp * completion_mask)[:, :length],
-        closed=out_closed,
+        ids=out_ids,
+        weights=out_w,
+        thinking_mask=thinking_mask,
+        completion_mask=completion_mask,
+        forced_mask=forced_mask,
+        logprobs=logprobs,
+        closed=closed,
     )

@@ -80,6 +80,8 @@ def add_multiplex_head(model) -> None:
             return inner_forward(*args, **kwargs)
         input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")  # prompt [B, P]
         position_ids = kwargs.pop("position_ids")  # [B, P + T]
+        # Wrappers (PEFT) pass their unused arguments on as None (inputs_embeds, labels, ...): drop them.
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         embed = self.get_input_embeddings()
         inputs_embeds = torch.cat([embed(input_ids), merge_embeddings(embed, multiplex_ids, multiplex_weights)], 1)
         full_mask = torch.cat([attention_mask, multiplex_completion_mask.to(attention_mask.dtype)], dim=1)

@@ -8,6 +8,7 @@ per-position log-likelihood (`slot_coefficients`).
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import torch
@@ -62,18 +63,22 @@ def get_mixer(name: str = "multiplex", width: int = 3, **params) -> Mixer:
     return MIXERS[name](width, **params)
 
 
+def constructor_defaults(name: str) -> dict:
+    """A mixer's own parameters (its constructor's, after `width`) and their default values."""
+    params = list(inspect.signature(MIXERS[name].__init__).parameters.values())[2:]
+    return {p.name: p.default for p in params}
+
+
 def mixer_from_config(args) -> Mixer:
     """The mixer an args object (a config or a namespace) names, with the parameters its fields set.
 
     A mixer's constructor parameter `p` is read from the field `p`, or `multiplex_p` (e.g. `multiplex_merge`).
     """
-    import inspect
-
     name = getattr(args, "mixer", "multiplex")
     if name not in MIXERS:
         raise ValueError(f"mixer must be one of {sorted(MIXERS)}, got {name!r}.")
     params = {}
-    for p in list(inspect.signature(MIXERS[name].__init__).parameters)[2:]:
+    for p in constructor_defaults(name):
         for field in (p, f"multiplex_{p}"):
             if getattr(args, field, None) is not None:
                 params[p] = getattr(args, field)

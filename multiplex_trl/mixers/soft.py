@@ -8,8 +8,17 @@ from .base import Mixer, top_slots
 class Soft(Mixer):
     name = "soft"
     why_not_trainable = "it is deterministic, so a rollout has no likelihood to train (use it for inference)"
-    # Paper defaults: top-k 10 of the filtered distribution (min-p 0.001, top-p 0.95, top-k 30, temperature 0.6).
-    PAPER = {"width": 10, "min_p": 0.001, "top_p": 0.95, "top_k": 30, "temperature": 0.6}
+    # Paper defaults: top-k 10 of the filtered distribution (min-p 0.001, top-p 0.95, top-k 30, temperature 0.6),
+    # cold stop after 256 positions below entropy 0.01.
+    PAPER = {
+        "width": 10,
+        "min_p": 0.001,
+        "top_p": 0.95,
+        "top_k": 30,
+        "temperature": 0.6,
+        "cold_stop_entropy": 0.01,
+        "cold_stop_steps": 256,
+    }
 
     def __init__(self, width: int, cold_stop_entropy: float | None = None, cold_stop_steps: int = 256):
         super().__init__(width)

@@ -1,0 +1,191 @@
+"""Train with Multiplex GRPO from a recipe: one process, DDP, DeepSpeed ZeRO or several nodes.
+
+    python -m multiplex_trl.grpo --config recipes/SmolLM2-135M-Instruct/multiplex_grpo/config_demo.yaml
+    accelerate launch --config_file accelerate_configs/zero3.yaml -m multiplex_trl.grpo \\
+        --config recipes/DeepSeek-R1-Distill-Qwen-1.5B/multiplex_grpo/config_paper.yaml [--any_field value]
+
+The YAML sets defaults and flags override them (TRL's `TrlParser`). Everything that can be checked without the model
+(fields, dataset, reward names, a push while offline) is checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from transformers import AutoTokenizer
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+from . import hub
+from .config import MultiplexGRPOConfig
+from .data import load_prompts
+from .inference import find_model
+from .rewards import get_reward_funcs, set_thinking_end
+from .trainer import MultiplexGRPOTrainer
+
+
+@dataclass
+class ScriptArguments:
+    """Data, rewards and Hub options of the training script (the trainer's own options live in MultiplexGRPOConfig)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training prompts: a Hub dataset id (owner/name), a local .jsonl/.json/.parquet file or folder, "
+            "or an offline source: 'math500', 'math', 'gsm8k', 'reasoning_gym:<task>'."
+        },
+    )
+    dataset_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub dataset config name, or for 'reasoning_gym:<task>' the task's options as 'key=value,...'."
+        },
+    )
+    dataset_split: str | None = field(
+        default=None,
+        metadata={"help": "Split to train on; default: the source's training split ('test' for math500)."},
+    )
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "User prompt with a '{problem}' placeholder. Default: the paper's \"{problem} Let's think step by "
+            'step and output the final answer within \\boxed{}."'
+        },
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message before the prompt."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training prompts (smoke runs, demos)."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={
+            "help": "Reward functions by name ('accuracy', 'reasoning_gym', 'format') or dotted import path "
+            "('my_pkg.rewards.fn'). Weigh them with `reward_weights`."
+        },
+    )
+    push_merged: bool = field(
+        default=False,
+        metadata={
+            "help": "LoRA runs: also save the adapter merged into the base model to <output_dir>/merged and push "
+            "those weights instead of the adapter."
+        },
+    )
+    push_revisions: bool = field(
+        default=False,
+        metadata={"help": "Push every saved checkpoint to its own Hub branch 'step-<N>' (PushRevisionCallback)."},
+    )
+
+
+class ConfigError(ValueError):
+    """A recipe or flag that cannot work; raised before the model is loaded. The CLI prints it as one line."""
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((ScriptArguments, MultiplexGRPOConfig, ModelConfig))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, MultiplexGRPOConfig, ModelConfig]:
+    """Parse `--config recipe.yaml` plus flags; unknown recipe keys and flags are errors."""
+    try:
+        return make_parser().parse_args_and_config(argv)
+    except ValueError as error:  # MultiplexGRPOConfig / GRPOConfig validation, unknown keys
+        raise ConfigError(str(error)) from error
+
+
+def validate(script_args: ScriptArguments, training_args: MultiplexGRPOConfig, model_args: ModelConfig) -> None:
+    """The cheap checks: required fields, reward weights, LoRA-only options, pushing while offline."""
+    if not model_args.model_name_or_path:
+        raise ConfigError("model_name_or_path is required (a Hub id, a local folder, or 'smollm2-135m').")
+    if not script_args.dataset_name:
+        raise ConfigError("dataset_name is required (e.g. 'math500', 'reasoning_gym:basic_arithmetic', a .jsonl).")
+    if not script_args.reward_funcs:
+        raise ConfigError("reward_funcs is empty: name at least one, e.g. ['accuracy'].")
+    weights = training_args.reward_weights
+    if weights is not None and len(weights) != len(script_args.reward_funcs):
+        raise ConfigError(
+            f"reward_weights has {len(weights)} values but reward_funcs names {len(script_args.reward_funcs)} "
+            f"({script_args.reward_funcs}): give one weight per reward function."
+        )
+    if script_args.push_merged and not model_args.use_peft:
+        raise ConfigError("push_merged=True merges a LoRA adapter: it needs use_peft=True.")
+    try:
+        hub.check_push_possible(training_args, script_args.push_revisions)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Parse, check, load data and rewards, train, save (and push). Returns the saved model folder."""
+    script_args, training_args, model_args = parse_args(argv)
+    validate(script_args, training_args, model_args)
+    try:
+        # A local folder, a Hub id (cached when offline) or the demo model's name, converted on first use.
+        model_path = find_model(model_args.model_name_or_path)
+        reward_funcs = get_reward_funcs(script_args.reward_funcs)
+        dataset = load_prompts(
+            script_args.dataset_name,
+            dataset_config=script_args.dataset_config,
+            split=script_args.dataset_split,
+            prompt_template=script_args.prompt_template,
+            system_prompt=script_args.system_prompt,
+            max_samples=script_args.max_train_samples,
+            seed=training_args.seed,
+        )
+    except ValueError as error:  # missing model, unknown dataset / split / reward: one line, before the model
+        raise ConfigError(str(error)) from error
+    set_thinking_end(training_args.thinking_end)  # the rewards grade the text after the marker
+
+    # As TRL's grpo script: the trainer loads the model from its path with these kwargs (ZeRO-3 init included).
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        model_init_kwargs["quantization_config"] = quantization_config
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
+    )
+
+    callbacks = [hub.MultiplexSettingsCallback(training_args)]
+    if script_args.push_revisions:
+        callbacks.append(hub.PushRevisionCallback(training_args))
+    trainer = MultiplexGRPOTrainer(
+        model=model_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    folder = hub.finish_training(trainer, push_merged=script_args.push_merged, dataset_name=script_args.dataset_name)
+    merged = f" (merged weights in {folder})" if folder != training_args.output_dir else ""
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}{merged}.")
+    if training_args.push_to_hub:
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    trainer.end()  # finish the trackers, destroy the process group
+    return folder
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with configuration errors printed as one line (exit status 2) instead of a traceback."""
+    try:
+        main(argv)
+    except ConfigError as error:
+        print(f"multiplex-trl grpo: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(cli())

@@ -1,0 +1,217 @@
+import itertools
+import json
+from collections import defaultdict
+
+import pytest
+
+from multiplex_trl import cli, evaluate, inference
+from multiplex_trl.evaluate import UsageError, bootstrap_ci, grade, load_problems, parse_ks, pass_at_k
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_pass_at_k_matches_enumeration(n):
+    for c in range(n + 1):
+        outcomes = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(range(n), k))
+            brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+            assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+
+
+def test_pass_at_k_large_n_is_stable():
+    assert pass_at_k(1024, 1, 1) == pytest.approx(1 / 1024)
+    assert 0.0 < pass_at_k(1024, 3, 1024) <= 1.0 and pass_at_k(1024, 0, 512) == 0.0
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(4, 1, 8)
+
+
+def test_parse_ks():
+    assert parse_ks("1,2,4,...,64", 64) == [1, 2, 4, 8, 16, 32, 64]
+    assert parse_ks("1,...,8", 8) == [1, 2, 4, 8]
+    assert parse_ks(None, 6) == [1, 2, 4, 6] and parse_ks(None, 64)[-1] == 64
+    with pytest.raises(UsageError, match="k=128 > n=64"):
+        parse_ks("1,128", 64)
+    with pytest.raises(UsageError, match="not an integer"):
+        parse_ks("1,two", 4)
+
+
+def test_bootstrap_ci():
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5)
+    lo, hi = bootstrap_ci([0.0] * 50 + [1.0] * 50)
+    assert lo < 0.5 < hi and hi - lo < 0.3
+
+
+@pytest.mark.parametrize(
+    ("text", "gold", "score"),
+    [
+        ("<think>\nhmm</think>The answer is \\boxed{\\frac{1}{2}}.", "0.5", 1.0),
+        ("<think>\nhmm</think>So $x = \\boxed{18}$", "18", 1.0),
+        ("<think>\nhmm</think>\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", 1.0),
+        ("<think>\nhmm</think>\\boxed{3}", "4", 0.0),
+        ("<think>\n\\boxed{4}</think>\\boxed{3}", "4", 0.0),  # only the answer phase is graded
+    ],
+)
+def test_grade_math(text, gold, score):
+    assert grade(text, {"answer": gold}) == score
+
+
+def test_grade_reasoning_gym():
+    problem = load_problems("reasoning_gym:basic_arithmetic", max_samples=1)[0]
+    assert grade(f"<think>ok</think>\\boxed{{{problem['answer']}}}", problem) == 1.0
+    assert grade("<think>ok</think>\\boxed{not a number}", problem) == 0.0
+
+
+@pytest.fixture
+def eval_args(tiny_model_dir, tmp_path):
+    data = tmp_path / "problems.jsonl"
+    rows = [{"problem": "1+1", "answer": "2"}, {"problem": "2+5", "answer": "7"}, {"problem": "3", "answer": "3"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ["eval", "--model", tiny_model_dir, "--dataset", str(data), "--n", "4", "--k", "1,2,4"]
+    args += ["--width", "1", "--width", "3", "--max-new-tokens", "8", "--max-thinking-tokens", "3"]
+    return args + ["--output", str(out), "--device", "cpu"], out
+
+
+@pytest.fixture
+def count_rows(monkeypatch):
+    """Counts the completions sampled (rows of every rollout)."""
+    rows = []
+    rollout = inference.multiplex_generate
+
+    def counting(model, input_ids, *args, **kwargs):
+        rows.append(input_ids.size(0))
+        return rollout(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "multiplex_generate", counting)
+    return rows
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_eval_end_to_end_and_resume(eval_args, count_rows, capsys):
+    args, out = eval_args
+    assert cli.main(args) == 0
+    assert sum(count_rows) == 3 * 4 * 2
+    table = capsys.readouterr().out
+    assert "| dataset | method |" in table and "| discrete |" in table and "| multiplex(K=3) |" in table
+    assert (out / "pass_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "results.json").read_text())
+    assert report["settings"]["n"] == 4 and report["settings"]["ks"] == [1, 2, 4]
+
+    # The figures in results.json follow from samples.jsonl.
+    records = _records(out)
+    keys = [(r["dataset"], r["method"], r["problem"], r["sample"]) for r in records]
+    assert len(keys) == len(set(keys)) == 24
+    correct = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        assert r["correct"] == (r["score"] == 1.0)
+        correct[(r["dataset"], r["method"])][r["problem"]] += r["correct"]
+    for (dataset, method), per_problem in correct.items():
+        metrics = report["results"][dataset][method]
+        assert metrics["problems"] == 3 and metrics["width"] == (1 if method.startswith("discrete") else 3)
+        for k in (1, 2, 4):
+            expected = sum(pass_at_k(4, per_problem[p], k) for p in range(3)) / 3
+            assert metrics["pass@k"][str(k)] == pytest.approx(expected)
+            lo, hi = metrics["ci95"][str(k)]
+            assert lo <= expected + 1e-9 and expected - 1e-9 <= hi
+        assert f"{100 * metrics['pass@k']['4']:.1f}" in table
+
+    # A rerun finds every sample done; a run cut short redraws only what is missing.
+    count_rows.clear()
+    assert cli.main(args) == 0 and sum(count_rows) == 0 and _records(out) == records
+    lines = (out / "samples.jsonl").read_text().splitlines(keepends=True)
+    (out / "samples.jsonl").write_text("".join(lines[:-5]) + lines[-5][:10])  # 5 lines lost, one half-written
+    assert cli.main(args) == 0 and sum(count_rows) == 5
+    keys = [(r["dataset"], r["method"], r["problem"], r["sample"]) for r in _records(out)]
+    assert len(keys) == len(set(keys)) == 24
+    assert json.loads((out / "results.json").read_text())["results"].keys() == report["results"].keys()
+
+    # Other decoding settings in the same folder are refused.
+    assert cli.main([*args, "--temperature", "0.5"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--dataset": "mathh500"}, "known: ['math500'"),
+        ({"--k": "1,8"}, "k=8 > n=4"),
+        ({"--model": "/no/such/model"}, "does not exist"),
+        ({"--dataset": "aime24"}, "not cached"),
+        ({"--dataset": "reasoning_gym:no_such_task"}, "Unknown reasoning_gym task"),
+        (
+            {"--mixer": "coconut"},
+            "Unknown mixer 'coconut'; known: ['dirichlet', 'gumbel', 'mot_distinct', 'multiplex'",
+        ),
+        ({"--gumbel-tau": "0.3"}, "gumbel_tau is a parameter of mixer 'gumbel', not of 'multiplex'"),
+    ],
+)
+def test_eval_bad_input_is_refused_before_loading(eval_args, monkeypatch, capsys, change, message):
+    args, _ = eval_args
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(evaluate, "load_model", no_load)
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_raising_n_draws_fresh_samples(eval_args):
+    """Samples added by a rerun with a larger n are new draws, not replays of the first ones' random stream."""
+    args, out = eval_args
+    small = list(args)
+    small[small.index("--n") + 1], small[small.index("--k") + 1] = "2", "1,2"
+    assert cli.main(small) == 0
+    assert cli.main(args) == 0
+    texts = defaultdict(list)
+    for r in _records(out):
+        texts[(r["method"], r["problem"])].append(r["text"])
+    assert all(len(t) == 4 for t in texts.values())
+    repeats = sum(len(t) - len(set(t)) for t in texts.values())
+    assert repeats <= 1  # 8-token random texts: a repeat or two by chance at most, never all
+
+
+def test_eval_compares_mixers_side_by_side(eval_args, count_rows, capsys):
+    """--mixer and --width combine into methods, one table row each; results.json holds each method's settings."""
+    args, out = eval_args
+    for _ in range(2):  # drop the fixture's widths
+        i = args.index("--width")
+        del args[i : i + 2]
+    args += ["--mixer", "multiplex", "--mixer", "soft", "--width", "2"]
+    assert cli.main(args) == 0
+    table = capsys.readouterr().out
+    assert "| multiplex(K=2) |" in table and "| soft(K=2) |" in table
+    assert "- soft(K=2): temperature=0.6, top_p=0.95, top_k=30, min_p=0.001" in table  # the paper's, said aloud
+    assert sum(count_rows) == 3 * 4 * 2
+    report = json.loads((out / "results.json").read_text())
+    methods = report["settings"]["methods"]
+    assert set(methods) == {"multiplex(K=2)", "soft(K=2)"}
+    soft, multiplex = methods["soft(K=2)"], methods["multiplex(K=2)"]
+    assert soft["mixer"] == "soft" and soft["width"] == 2 and "cold_stop_steps" in soft["mixer_params"]
+    assert (soft["temperature"], soft["top_p"], soft["top_k"], soft["min_p"]) == (0.6, 0.95, 30, 0.001)  # paper's
+    assert multiplex["mixer_params"] == {"merge": "weighted"} and multiplex["temperature"] == 1.0
+    for name, metrics in report["results"][next(iter(report["results"]))].items():
+        assert metrics["mixer"] == methods[name]["mixer"] and metrics["width"] == 2
+    # Soft Thinking is deterministic: all samples of a problem are one text.
+    texts = defaultdict(set)
+    for r in _records(out):
+        texts[(r["method"], r["problem"])].add(r["text"])
+    assert all(len(t) == 1 for (method, _), t in texts.items() if method.startswith("soft"))
+
+    # Adding a method to the same folder draws only its samples; the others resume. A mixer parameter applies to
+    # its own mixer (and names the method when it is not the default).
+    count_rows.clear()
+    assert cli.main([*args, "--mixer", "gumbel", "--gumbel-tau", "0.3"]) == 0
+    assert sum(count_rows) == 3 * 4 and "| gumbel(K=2, gumbel_tau=0.3) |" in capsys.readouterr().out
+    assert {r["method"] for r in _records(out)} == {"multiplex(K=2)", "soft(K=2)", "gumbel(K=2, gumbel_tau=0.3)"}

@@ -1,0 +1,258 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from multiplex_trl import inference
+from multiplex_trl.inference import (
+    Sample,
+    UsageError,
+    find_model,
+    format_branches,
+    generate,
+    resolve_decoding,
+    to_messages,
+)
+from multiplex_trl.mixers import MIXERS, Soft
+
+
+def _first_token_counts(tokens, vocab):
+    return torch.bincount(torch.tensor(tokens), minlength=vocab).double()
+
+
+def _chi_square(counts, probs):
+    """Pearson's statistic and degrees of freedom, bins with expected count < 5 pooled into one."""
+    expected = probs.double() * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)])
+    exp = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
+    return float(((obs - exp) ** 2 / exp).sum()), int(big.sum())  # df = bins - 1 (the pooled bin included)
+
+
+def _passes(counts, probs):
+    stat, df = _chi_square(counts, probs)
+    return stat < df + 5 * (2 * df) ** 0.5  # about 5 standard deviations above the chi-square mean
+
+
+def test_width_one_samples_like_model_generate(tok, model):
+    """K=1 is ordinary sampling: the first token follows the same distribution as `model.generate(do_sample=True)`."""
+    n = 4000
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        probs = model(**enc).logits[0, -1].float().softmax(-1)
+    ours = generate(model, "hi", tokenizer=tok, width=1, num_samples=n, batch_size=n, max_new_tokens=1, seed=0)[0]
+    ours = _first_token_counts([s.ids[0, 0].item() for s in ours], len(tok))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        hf = model.generate(
+            **enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=1, num_return_sequences=n
+        )
+    hf = _first_token_counts(hf[:, -1].tolist(), len(tok))
+    assert _passes(ours, probs) and _passes(hf, probs)
+    # The test has power: a different temperature is rejected.
+    assert not _passes(ours, (torch.log(probs) / 2).softmax(-1))
+
+
+def test_sharp_decoding_matches_greedy_in_batches(tok, model):
+    """When the policy is sharp all K slots agree and multiplex decoding is discrete: batched, left-padded rows
+    (prompts of different lengths, mixed in one batch) reproduce per-prompt greedy decoding."""
+    questions = ["hi", "what is 2+2?", "a much longer question, to pad the others"]
+    results = generate(
+        model, questions, tokenizer=tok, width=3, temperature=1e-4, max_new_tokens=12, num_samples=2, batch_size=4
+    )
+    for question, samples in zip(questions, results):
+        enc = tok.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            greedy = model.generate(**enc, do_sample=False, max_new_tokens=12)[0, enc["input_ids"].size(1) :].tolist()
+        if tok.eos_token_id in greedy:
+            greedy = greedy[: greedy.index(tok.eos_token_id) + 1]
+        assert len(samples) == 2
+        for sample in samples:
+            assert sample.ids[:, 0].tolist() == greedy
+            assert (sample.ids == sample.ids[:, :1]).logical_or(sample.weights == 0).all()  # slots agree
+
+
+def test_thinking_and_answer_split(tok, model):
+    samples = generate(
+        model, "hi", tokenizer=tok, width=3, max_new_tokens=20, max_thinking_tokens=3, num_samples=8, seed=1
+    )[0]
+    assert any(s.closed for s in samples)
+    for s in samples:
+        assert s.ids.shape == s.weights.shape and s.ids.shape[1] == 3
+        torch.testing.assert_close(s.weights.sum(-1), torch.ones(s.ids.size(0)))
+        if s.closed:  # the character tokenizer decodes piecewise exactly
+            assert s.text == s.thinking + "</think>" + s.answer
+            assert s.thinking_length == 3
+            end = s.ids[:, 0].tolist().index(tok.convert_tokens_to_ids("</think>"))
+            assert (s.weights[end:, 0] == 1).all()  # the marker and the answer are one-hot
+        else:  # EOS while thinking
+            assert s.answer == "" and s.thinking == s.text and s.thinking_length <= 3
+
+
+def test_seed_reproduces(tok, model):
+    def run(seed):
+        return [s.ids for s in generate(model, "hi", tokenizer=tok, max_new_tokens=10, num_samples=3, seed=seed)[0]]
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_path_reads_saved_settings_and_explicit_args_win(tiny_model_dir, tmp_path):
+    folder = tmp_path / "trained"
+    shutil.copytree(tiny_model_dir, folder)
+    settings = {"width": 2, "merge": "averaged", "thinking_end": "</think>", "max_thinking_tokens": 2}
+    settings.update(temperature=1.0, top_p=1.0, top_k=None)
+    (folder / "multiplex_config.json").write_text(json.dumps(settings))
+    sample = generate(str(folder), "hi", max_new_tokens=6, seed=0, device="cpu")[0][0]
+    assert sample.ids.shape[1] == 2 and sample.thinking_length <= 2
+    if sample.thinking_length:
+        assert sample.weights[0].tolist() == [0.5, 0.5]  # averaged merge
+    assert generate(str(folder), "hi", width=1, max_new_tokens=6, seed=0, device="cpu")[0][0].ids.shape[1] == 1
+
+
+def test_prompt_forms(tok, model):
+    assert to_messages("q") == [{"role": "user", "content": "q"}]
+    assert to_messages("q", "sys")[0] == {"role": "system", "content": "sys"}
+    messages = [{"role": "system", "content": "mine"}, {"role": "user", "content": "q"}]
+    assert to_messages(messages, "other") == messages  # an existing system message is kept
+    kwargs = {"tokenizer": tok, "max_new_tokens": 5, "seed": 0}
+    by_string = generate(model, "q", **kwargs)
+    by_messages = generate(model, [{"role": "user", "content": "q"}], **kwargs)
+    assert torch.equal(by_string[0][0].ids, by_messages[0][0].ids)
+    many = generate(model, ["a", [{"role": "user", "content": "b"}], "c"], num_samples=2, batch_size=5, **kwargs)
+    assert [len(samples) for samples in many] == [2, 2, 2]
+
+
+def test_format_branches(tok):
+    a, b, c, pad = (tok.convert_tokens_to_ids(t) for t in ("a", "b", "c", "<pad>"))
+    sample = Sample(
+        text="ac",
+        thinking="ac",
+        answer="",
+        ids=torch.tensor([[c, c, c], [a, b, a], [c, pad, pad], [c, pad, pad]]),
+        weights=torch.tensor([[0.2, 0.3, 0.5], [0.3, 0.4, 0.3], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]),
+        thinking_length=2,
+        closed=False,
+    )
+    assert format_branches(sample, tok) == "c[a:0.60|b:0.40]cc"
+
+
+def test_find_model_errors(tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="does not exist"):
+        find_model(str(tmp_path / "missing"))
+    with pytest.raises(UsageError, match="does not exist"):
+        find_model("no_such_model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="HF_HUB_OFFLINE"):
+        find_model("nobody-xyz/not-a-cached-model")
+
+
+def test_generate_cli(tiny_model_dir, capsys, monkeypatch):
+    base = ["--model", tiny_model_dir, "--prompt", "hi", "--device", "cpu", "--show-branches"]
+    assert inference.main([*base, "--max-new-tokens", "8", "--max-thinking-tokens", "3"]) == 0
+    assert "--- multiplex(K=3): " in capsys.readouterr().out
+    assert inference.main([*base, "--max-new-tokens", "4", "--mixer", "soft"]) == 0
+    assert "--- soft(K=10): " in capsys.readouterr().out  # Soft Thinking's paper width
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(inference, "load_model", no_load)
+    assert inference.main(["--model", "/no/such/folder", "--prompt", "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    for extra, message in [
+        (["--width", "0"], "width"),
+        (
+            ["--mixer", "coconut"],
+            "Unknown mixer 'coconut'; known: ['dirichlet', 'gumbel', 'mot_distinct', 'multiplex'",
+        ),
+        (["--gumbel-tau", "0.3"], "gumbel_tau is a parameter of mixer 'gumbel', not of 'multiplex'"),
+        (["--mixer", "gumbel", "--gumbel-tau", "0"], "gumbel_tau must be > 0"),
+    ]:
+        assert inference.main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
+# --- mixers ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_every_mixer_generates_and_seed_reproduces(tok, model, name):
+    def run(seed):
+        kwargs = {"tokenizer": tok, "mixer": name, "width": 3, "max_new_tokens": 10, "max_thinking_tokens": 4}
+        return [s for row in generate(model, ["hi", "2+2?"], num_samples=2, seed=seed, **kwargs) for s in row]
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    samples = run(0)
+    assert torch.equal(torch.rand(3), expected)  # the global RNG (dirichlet's) is seeded inside, then restored
+    assert any(s.thinking_length for s in samples)
+    for s in samples:
+        assert s.mixer == name and s.ids.shape[1] == 3 and s.ids.shape == s.weights.shape
+        torch.testing.assert_close(s.weights.sum(-1), torch.ones(s.ids.size(0)))
+        assert s.thinking_length <= 4
+    again = run(0)
+    assert all(torch.equal(a.ids, b.ids) and torch.equal(a.weights, b.weights) for a, b in zip(samples, again))
+
+
+def test_soft_is_deterministic_and_takes_its_paper_settings(tok, model, monkeypatch):
+    seen = []
+    rollout = inference.multiplex_generate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return rollout(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "multiplex_generate", recording)
+    a = generate(model, "hi", tokenizer=tok, mixer="soft", max_new_tokens=12, num_samples=2, seed=0)[0]
+    b = generate(model, "hi", tokenizer=tok, mixer="soft", max_new_tokens=12, num_samples=2, seed=1)[0]
+    assert a[0].ids.shape[1] == Soft.PAPER["width"] and a[0].mixer == "soft"
+    assert [s.text for s in a] == [s.text for s in b] == [a[0].text] * 2  # no randomness: seeds do not matter
+    assert all(torch.equal(x.weights, y.weights) for x, y in zip(a, b))
+    decoding = ("temperature", "top_p", "top_k", "min_p")
+    assert {k: seen[0][k] for k in decoding} == {k: Soft.PAPER[k] for k in decoding}
+    mixer = seen[0]["mixer"]
+    assert mixer.name == "soft"
+    assert (mixer.cold_stop_entropy, mixer.cold_stop_steps) == (0.01, 256)  # the paper's cold stop is on
+
+    # Explicit settings win over the paper's, which win over a model's saved (multiplex) ones.
+    saved = {
+        "width": 2,
+        "merge": "averaged",
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": None,
+        "max_thinking_tokens": 5,
+    }
+    soft = resolve_decoding(saved, mixer="soft", temperature=0.9)
+    assert (soft.width, soft.temperature, soft.top_p, soft.top_k, soft.min_p) == (10, 0.9, 0.95, 30, 0.001)
+    assert soft.max_thinking_tokens == 5 and "merge" not in soft.mixer_params
+    assert resolve_decoding(saved).width == 2 and resolve_decoding(saved).mixer_params == {"merge": "averaged"}
+
+
+def test_mixer_settings_names_and_refusals(tok, model):
+    assert resolve_decoding(None, width=1).name == "discrete"
+    assert resolve_decoding(None).name == "multiplex(K=3)"
+    assert resolve_decoding(None, {"merge": "averaged"}).name == "multiplex(K=3, merge=averaged)"
+    assert resolve_decoding(None, mixer="soft").name == "soft(K=10)"
+    assert resolve_decoding(None, {"gumbel_tau": 0.3}, mixer="gumbel").name == "gumbel(K=3, gumbel_tau=0.3)"
+    # A saved mixer and its parameters are read when multiplex_config.json has them.
+    saved = resolve_decoding({"mixer": "dirichlet", "dirichlet_gamma": 2.0, "width": 4})
+    assert (saved.mixer, saved.width, saved.mixer_params) == ("dirichlet", 4, {"dirichlet_gamma": 2.0})
+
+    sample = generate(model, "hi", tokenizer=tok, mixer="gumbel", gumbel_tau=0.3, max_new_tokens=4, seed=0)[0][0]
+    assert sample.mixer == "gumbel"
+    with pytest.raises(UsageError, match=r"Unknown mixer 'coconut'; known: \['dirichlet'"):
+        generate(model, "hi", tokenizer=tok, mixer="coconut")
+    with pytest.raises(UsageError, match="merge is a parameter of mixer 'multiplex', not of 'soft'"):
+        generate(model, "hi", tokenizer=tok, mixer="soft", merge="averaged")
+    with pytest.raises(UsageError, match="Unknown mixer parameter 'tau'"):
+        generate(model, "hi", tokenizer=tok, mixer="gumbel", tau=0.3)

@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> str:
         peft_config=get_peft_config(model_args),
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()  # trainer_state.json: the per-step log history that reports and plots read
     folder = hub.finish_training(trainer, push_merged=script_args.push_merged, dataset_name=script_args.dataset_name)
     merged = f" (merged weights in {folder})" if folder != training_args.output_dir else ""
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}{merged}.")

@@ -240,10 +240,10 @@ def finish_training(trainer, *, push_merged: bool = False, dataset_name: str | N
     model_name = (args.hub_model_id or Path(output_dir).resolve().name).split("/")[-1]
     # TRL's card (main process); its metadata takes Hub dataset ids only, not local paths or offline sources.
     is_hub_id = dataset_name and re.fullmatch(r"[\w.-]+/[\w.-]+", dataset_name) and not os.path.exists(dataset_name)
+    # MultiplexGRPOTrainer.create_model_card also writes our card section and multiplex_config.json.
     trainer.create_model_card(model_name=model_name, dataset_name=dataset_name if is_hub_id else None)
     folder = os.path.join(output_dir, MERGED_DIR) if push_merged else output_dir
     if trainer.accelerator.is_main_process:
-        describe_model(output_dir, args, model_name)
         if push_merged:
             save_merged(trainer, folder)
             card = Path(output_dir, "README.md").read_text(encoding="utf-8")

@@ -42,7 +42,8 @@ def completion_text(completion: str | list[dict[str, str]]) -> str:
 
 
 def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float | None]:
-    """1.0 if math-verify finds the answer phase equal to the gold `answer`, else 0.0; None if the gold won't parse."""
+    """1.0 if math-verify finds the answer phase equal to the gold `answer`, else 0.0 (also when thinking never
+    closed, so there is no answer phase); None if the gold won't parse."""
     # No timeouts: they rely on signal.alarm, which fails outside the main thread (TRL may call from threads).
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # silences "Timeout is disabled" on every call
     rewards = []
@@ -51,7 +52,11 @@ def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[floa
         if not gold_parsed:
             rewards.append(None)  # TRL treats None as "no reward" for this sample
             continue
-        predicted = parse(extract_answer(completion_text(completion)), parsing_timeout=None)
+        text = completion_text(completion)
+        if THINKING_END not in text:  # thinking never closed: no answer phase to grade (as DeepScaleR's reward)
+            rewards.append(0.0)
+            continue
+        predicted = parse(extract_answer(text), parsing_timeout=None)
         rewards.append(float(verify(gold_parsed, predicted, timeout_seconds=None)))
     return rewards
 

@@ -322,6 +322,14 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         logps, entropies = out if compute_entropy else (out, None)
         return logps, entropies, None
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card plus the multiplex section and multiplex_config.json, so a plain `push_to_hub()` carries them."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            from .hub import describe_model
+
+            describe_model(self.args.output_dir, self.args, model_name)
+
     # --- metrics ------------------------------------------------------------------------------------------------
 
     def _log_multiplex_metrics(self, rollout) -> None:

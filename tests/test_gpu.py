@@ -16,8 +16,17 @@ def _rollout(model, tok, **kw):
     input_ids, mask = chat_batch(tok, ["1+1?", "what is two plus two?", "x", "a longer prompt here"])
     input_ids, mask = input_ids.cuda(), mask.cuda()
     r = multiplex_generate(
-        model, input_ids, mask, width=3, max_new_tokens=48, thinking_end_ids=[4], eos_token_ids=[1],
-        pad_token_id=0, generator=torch.Generator(device="cuda").manual_seed(0), max_thinking_tokens=16, **kw,
+        model,
+        input_ids,
+        mask,
+        width=3,
+        max_new_tokens=48,
+        thinking_end_ids=[4],
+        eos_token_ids=[1],
+        pad_token_id=0,
+        generator=torch.Generator(device="cuda").manual_seed(0),
+        max_thinking_tokens=16,
+        **kw,
     )
     return r, input_ids, mask
 
@@ -25,8 +34,9 @@ def _rollout(model, tok, **kw):
 def test_rollout_logprobs_match_recompute_on_cuda_fp32(tok):
     model = tiny_model(tok).cuda().eval()
     r, input_ids, mask = _rollout(model, tok, top_k=40)
-    lp = multiplex_logprobs(model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=1.0,
-                            thinking_mask=r.thinking_mask)
+    lp = multiplex_logprobs(
+        model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=1.0, thinking_mask=r.thinking_mask
+    )
     assert r.ids.is_cuda and lp.is_cuda
     assert (lp - r.logprobs).abs().max().item() < 1e-4  # TF32-free fp32, Triton kernel vs cuBLAS decode
 
@@ -34,8 +44,9 @@ def test_rollout_logprobs_match_recompute_on_cuda_fp32(tok):
 def test_bf16_recompute_is_close_to_rollout(tok):
     model = tiny_model(tok).cuda().to(torch.bfloat16).eval()
     r, input_ids, mask = _rollout(model, tok)
-    lp = multiplex_logprobs(model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=1.0,
-                            thinking_mask=r.thinking_mask)
+    lp = multiplex_logprobs(
+        model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=1.0, thinking_mask=r.thinking_mask
+    )
     diff = (lp - r.logprobs)[r.completion_mask].abs()
     # bf16 keeps ~3 significant digits of each logit: the per-position gap stays at that scale
     assert diff.mean().item() < 0.1, diff.mean().item()

@@ -128,7 +128,9 @@ def test_demo_recipe_runs_offline_on_cpu():
         ["--config", str(ROOT / "recipes/SmolLM2-135M-Instruct/multiplex_grpo/config_demo.yaml")]
     )
     assert model.model_name_or_path == "smollm2-135m" and args.use_cpu and not args.bf16
-    assert args.multiplex_width == 3 and args.thinking_end == "</think>" and args.max_thinking_tokens
+    assert args.multiplex_width == 3 and args.max_thinking_tokens
+    # SmolLM2 has no thinking token: the marker is a line the prompt asks the model to write
+    assert args.thinking_end in script.prompt_template
     assert args.max_thinking_tokens < args.max_completion_length <= 160 and 4 <= args.num_generations <= 8
     assert not args.push_to_hub and args.report_to in ([], ["none"], "none")
     assert not re.fullmatch(r"[\w.-]+/[\w.-]+", script.dataset_name), "the demo needs an offline dataset"

@@ -32,11 +32,11 @@ def test_accuracy_on_known_pairs():
         chat("</think>\\boxed{5}"),  # wrong
         chat("</think>It is 0.5"),  # \frac{1}{2} == 0.5
         chat("</think>\\boxed{\\frac{1}{2}}"),  # 0.5 == \frac{1}{2}
-        "plain string, no marker: 18",  # graded on the whole text
+        "plain string, no marker: 18",  # thinking never closed: no answer phase, reward 0
         chat("I guess \\boxed{7}</think>\\boxed{8}"),  # only the answer phase counts
     ]
     answers = ["4", "4", "\\frac{1}{2}", "0.5", "18", "7"]
-    assert accuracy_reward(completions, answer=answers) == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    assert accuracy_reward(completions, answer=answers) == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
 
 
 def test_accuracy_skips_unparseable_gold():

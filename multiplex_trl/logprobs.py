@@ -20,7 +20,7 @@ from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .mixers import Mixer, get_mixer
-from .sampling import merge_embeddings
+from .sampling import merge_slot_embeddings
 
 
 _VOCAB_CHUNK = 32768  # TRL's _CHUNKED_LOGPROB_CHUNK_SIZE: the widest float32 logits tile ever materialised
@@ -82,8 +82,12 @@ def add_multiplex_head(model) -> None:
         position_ids = kwargs.pop("position_ids")  # [B, P + T]
         # Wrappers (PEFT) pass their unused arguments on as None (inputs_embeds, labels, ...): drop them.
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        embed = self.get_input_embeddings()
-        inputs_embeds = torch.cat([embed(input_ids), merge_embeddings(embed, multiplex_ids, multiplex_weights)], 1)
+        # One embedding lookup for prompt and slots (one dense embedding gradient in backward, as TRL's pass).
+        batch, prompt_len = input_ids.shape
+        flat = self.get_input_embeddings()(torch.cat([input_ids.reshape(-1), multiplex_ids.reshape(-1)]))
+        slot_embeds = flat[batch * prompt_len :].view(*multiplex_ids.shape, -1)  # [B, T, K, H]
+        merged = merge_slot_embeddings(slot_embeds, multiplex_weights)
+        inputs_embeds = torch.cat([flat[: batch * prompt_len].view(batch, prompt_len, -1), merged], dim=1)
         full_mask = torch.cat([attention_mask, multiplex_completion_mask.to(attention_mask.dtype)], dim=1)
         out = self.base_model(
             inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False, **kwargs
@@ -117,19 +121,17 @@ def _score_slots(lm_head, hidden, ids, coefs, valid, *, temperature, scale, soft
             h, weight, bias, slots[:, 0], temperature, _VOCAB_CHUNK, softcap, scale, ("entropy",) if entropy else ()
         )
         total = logp0 * coefs.sum(-1)  # exactly logp0 for a one-hot position
-        extra = coefs[:, 1:]  # [N, K-1]
         if slots.size(1) > 1:
-            # z_j - z_0 for the other slots: one dot product each, in float32, on the rows that need it.
-            rows = (extra != 0).any(-1)
-            y = torch.einsum("nh,nkh->nk", h[rows].float(), weight[slots[rows]].float())  # [n, K]
+            # z_j - z_0 for the other slots: one dot product each, in float32. Every row is scored (coefficient 0
+            # where a slot does not count) so no data-dependent indexing forces a host sync.
+            y = torch.einsum("nh,nkh->nk", h.float(), weight[slots].float())  # [N, K]
             if bias is not None:
-                y = y + bias[slots[rows]].float()
+                y = y + bias[slots].float()
             y = y * scale
             if softcap is not None:
                 y = softcap * torch.tanh(y / softcap)
             z = y / temperature
-            delta = ((z[:, 1:] - z[:, :1]) * extra[rows]).sum(-1)
-            total = total.index_add(0, rows.nonzero().squeeze(-1), delta)
+            total = total + ((z[:, 1:] - z[:, :1]) * coefs[:, 1:]).sum(-1)
     log_probs = hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, total)
     entropies = None
     if entropy:

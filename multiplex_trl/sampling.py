@@ -61,11 +61,15 @@ def prepare_logits(logits, *, temperature, top_k=None, top_p=1.0, min_p=None):
 
 
 def merge_embeddings(embedding: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """c = sum_j w_j E[k_j]: `ids`/`weights` [..., K] -> embeddings [..., H] in the embedding's dtype.
+    """c = sum_j w_j E[k_j]: `ids`/`weights` [..., K] -> embeddings [..., H] in the embedding's dtype."""
+    return merge_slot_embeddings(embedding(ids), weights)
 
-    The sum runs in float32 and is cast once, so one-hot rows ([1, 0, ...]) give exactly E[k_0]. Used by both the
-    rollout and the training forward, so the two see bit-identical inputs.
+
+def merge_slot_embeddings(slot_embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[..., K, H] slot embeddings and [..., K] weights -> [..., H].
+
+    The sum runs in float32 and is cast once, so one-hot rows ([1, 0, ...]) give exactly E[k_0]. Both the rollout and
+    the training forward merge through here, so the two see bit-identical inputs.
     """
-    emb = embedding(ids)  # [..., K, H]
-    merged = (emb.float() * weights.float().unsqueeze(-1)).sum(dim=-2)
-    return merged.to(emb.dtype)
+    merged = (slot_embeds.float() * weights.float().unsqueeze(-1)).sum(dim=-2)
+    return merged.to(slot_embeds.dtype)

@@ -31,7 +31,9 @@ class Multiplex(Mixer):
         self.merge = merge
 
     def draw(self, filtered, full_logprobs, generator):
-        ids = torch.multinomial(filtered.softmax(-1), self.width, replacement=True, generator=generator)
+        # torch's one-sample path adds two host syncs per call; two i.i.d. draws, keeping the first, is cheaper.
+        draws = max(self.width, 2)
+        ids = torch.multinomial(filtered.softmax(-1), draws, replacement=True, generator=generator)[:, : self.width]
         return ids, merge_weights(full_logprobs.gather(-1, ids), self.merge)
 
     def slot_coefficients(self, weights):

@@ -1,0 +1,326 @@
+"""Shared pieces of the benchmarks: devices, models, interleaved timing, peak memory, result tables.
+
+Every script compares variants measured in the same process: one warmup call each, then `reps` rounds that call every
+variant once (the order rotates each round, so no variant always runs first), timed with the device synchronised.
+A variant's time is the median over rounds; a ratio is the median of the per-round ratios (rounds run back to back,
+so pairing them cancels most of the drift of a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import torch  # noqa: E402
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("tiny", "smollm2")
+
+
+class Skip(Exception):
+    """A row that cannot run here (e.g. the demo model is not installed); the message says why."""
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def str_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """Flags every script shares; scripts add their own sizes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32 or bfloat16")
+    p.add_argument("--models", type=str_list, default=None, help=f"comma list of {MODELS}")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per variant (default: 3 on cpu, 5 on cuda)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before the rounds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="results file stem (default: the script name, plus '-cuda' on cuda)")
+    p.add_argument(
+        "--smollm2-config",
+        default=None,
+        help="where the SmolLM2 weights are not installed: a folder with its config and tokenizer only; the "
+        "architecture is built with random weights (speed and memory do not depend on the weight values)",
+    )
+    return p
+
+
+def setup(args: argparse.Namespace, script: str, models: dict | None = None) -> tuple[torch.device, torch.dtype]:
+    """Resolve device and dtype, pin CPU threads to $OMP_NUM_THREADS, fill in per-device defaults.
+
+    `models` maps a device type to the default model list (else every model in MODELS).
+    """
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if args.reps is None:
+        args.reps = 5 if device.type == "cuda" else 3
+    if args.models is None:
+        args.models = list((models or {}).get(device.type, MODELS))
+    if args.name is None:
+        args.name = script + ("-cuda" if device.type == "cuda" else "")
+    return device, dtype
+
+
+def on_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype, smollm2_config: str | None = None):
+    """(model in eval mode, tokenizer, label) for `name` in MODELS; raises Skip when the model is not available.
+
+    With `smollm2_config` (a folder with config and tokenizer), a missing SmolLM2 is built with random weights and
+    labelled so.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name == "tiny":
+        from multiplex_trl.testing import tiny_model, tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        model, label = tiny_model(tok), name
+    elif name == "smollm2":
+        try:
+            path, label = demo_model_path(), name
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except Skip:
+            if smollm2_config is None:
+                raise
+            path, label = smollm2_config, "smollm2 (random weights)"
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    else:
+        raise ValueError(f"--models: unknown model {name!r}, expected one of {MODELS}")
+    return model.to(device=device, dtype=dtype).eval(), tok, label
+
+
+def demo_model_path() -> str:
+    """Path of the converted SmolLM2-135M-Instruct folder, or Skip with the reason."""
+    try:
+        from multiplex_trl.models import prepare_demo_model
+    except ImportError as e:
+        raise Skip(f"multiplex_trl.models.prepare_demo_model is not available yet ({e})") from e
+    try:
+        return prepare_demo_model()
+    except (ImportError, FileNotFoundError) as e:
+        raise Skip(f"SmolLM2-135M-Instruct cannot be prepared: {e}") from e
+
+
+def random_prompts(vocab: int, batch: int, length: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded random prompts [B, P] and their all-ones attention mask: every row does the same work."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    return ids.to(device), torch.ones_like(ids).to(device)
+
+
+# --- timing -------------------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    variants: dict[str, Callable[[], object]], *, reps: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant, `reps` rounds, rotating order; warmup calls first."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(device)
+            start = time.perf_counter()
+            variants[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median of per-round ratios num[r] / den[r]."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def ratio_spread(num: list[float], den: list[float]) -> float:
+    """Half the range of the per-round ratios num[r] / den[r]: the round-to-round noise of `paired_ratio`."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return (max(ratios) - min(ratios)) / 2
+
+
+# --- peak memory --------------------------------------------------------------------------------------------------
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+class _RssPoller(threading.Thread):
+    """Samples this process's resident set size until stopped; `peak` is the largest sample."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self._halt = 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def run(self):
+        while not self._halt.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.0002)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return max(self.peak, self.rss())
+
+
+def cpu_memory_supported() -> bool:
+    return sys.platform.startswith("linux") and os.path.exists("/proc/self/statm")
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
+    """(peak bytes above the level before `fn`, absolute peak bytes) of one call of `fn`.
+
+    CUDA: the caching allocator's exact counters. CPU: resident set size sampled every ~0.2 ms while `fn` runs, with
+    glibc told to serve every allocation over 64 KiB by mmap (so a freed tensor leaves RSS at once and RSS follows
+    live tensor bytes); an approximation that can miss spikes shorter than a sample. Call it after all timing: the
+    mmap setting slows allocation.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return peak - base, peak
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    libc.malloc_trim(0)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # let the sampler thread in between the main thread's Python bytecodes
+    poller = _RssPoller()
+    base = poller.rss()
+    poller.start()
+    try:
+        fn()
+    finally:
+        peak = poller.stop()
+        sys.setswitchinterval(switch)
+    return peak - base, peak
+
+
+# --- results ------------------------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+    import trl
+
+    env = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+    if device.type == "cpu":
+        env["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return env
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        if abs(value) < 10:
+            return f"{value:.3f}"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str,
+    title: str,
+    tables: list[tuple[str, list[dict], list[str]]],
+    env: dict,
+    notes: list[str],
+    skipped: list[str],
+) -> None:
+    """Print the tables and write bench/results/<name>.json and .md. `tables` holds (heading, rows, columns)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    parts = [
+        f"# {title}",
+        "",
+        "`" + env["command"] + "` on " + ", ".join(f"{k}={v}" for k, v in env.items() if k != "command"),
+        "",
+    ]
+    for heading, rows, columns in tables:
+        parts += [f"## {heading}", "", markdown_table(rows, columns), ""]
+    if skipped:
+        parts += ["Skipped:", ""] + [f"- {s}" for s in skipped] + [""]
+    if notes:
+        parts += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    text = "\n".join(parts)
+    print(text)
+    (RESULTS / f"{name}.md").write_text(text)
+    payload = {"title": title, "environment": env, "tables": {h: rows for h, rows, _ in tables}, "skipped": skipped}
+    payload["notes"] = notes
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {RESULTS / name}.json and .md")
+
+
+def verdict(value: float, target: float) -> str:
+    return "ok" if value <= target else "MISS"

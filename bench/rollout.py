@@ -1,0 +1,262 @@
+"""Rollout throughput: multiplex_generate at K=3 and K=1 vs `model.generate(do_sample=True)` (TRL's non-vLLM path).
+
+Same model, batch, prompt and completion length for all three. No row ever stops early: the EOS id (and the
+end-of-thinking marker) given to both engines is `vocab_size`, an id no sampler can draw, so every row decodes exactly
+`--new-tokens` tokens while each engine still runs its per-step EOS check. The multiplex rollout therefore stays in
+its thinking phase (K merged draws) at every position, its most expensive case.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/rollout.py                     # CPU defaults, < 3 min
+    .venv/bin/python bench/rollout.py --device cuda --batch-sizes 8,32,128 --new-tokens 512
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import common
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import GenerationConfig
+
+from multiplex_trl import multiplex_generate
+
+
+# Default (prompt length, new tokens) per device and model. On a 2-core CPU, SmolLM2 at batch 32 decodes only a few
+# dozen tokens/s, so its CPU default is short enough that the whole script stays under ~3 minutes.
+SIZES = {
+    "cpu": {"tiny": (32, 64), "smollm2": (16, 8)},
+    "cuda": {"tiny": (128, 128), "smollm2": (128, 128)},
+}
+
+
+def engines(model, prompts, mask, *, width: int, new_tokens: int, seed: int):
+    """The three compared callables; each returns the completion length it produced."""
+    unreachable = model.config.vocab_size  # no sampler draws an id >= vocab_size
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    # TRL's GRPOTrainer generation config (grpo_trainer.py) at its defaults, with the unreachable EOS.
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=True,
+        pad_token_id=pad,
+        eos_token_id=[unreachable],
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=None,
+        repetition_penalty=1.0,
+        cache_implementation=None,
+        disable_compile=True,
+    )
+
+    def generate():
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=prompts, attention_mask=mask, generation_config=config)
+        return out.size(1) - prompts.size(1)
+
+    def multiplex(k):
+        def run():
+            g = torch.Generator(prompts.device).manual_seed(seed)
+            r = multiplex_generate(
+                model,
+                prompts,
+                mask,
+                width=k,
+                temperature=1.0,
+                max_new_tokens=new_tokens,
+                thinking_end_ids=[unreachable],
+                eos_token_ids=[unreachable],
+                pad_token_id=pad,
+                generator=g,
+            )
+            return r.ids.size(1)
+
+        return run
+
+    return {f"multiplex K={width}": multiplex(width), "multiplex K=1": multiplex(1), "generate": generate}
+
+
+# Ops that make the host wait for the device on CUDA (a tensor's value or size decided on the device).
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"}
+
+
+def count_syncs(run) -> int:
+    """Host-sync ops in one call of `run`, at every level (torch.profiler sees the ops inside other ops too, e.g. the
+    two `.item()` checks inside `torch.multinomial(probs, 1)`, which a dispatch mode does not)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(1 for e in prof.events() if e.name in SYNC_OPS)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts aten ops, split by whether they run inside the model's forward (`inside` is set by hooks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside, self.counts = False, Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[(self.inside, func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def profile(model, variants, device, steps: int, reps: int) -> list[dict]:
+    """Per engine: seconds in the model's forward vs around it, and aten ops / host syncs per decode step."""
+    state = {"t0": 0.0, "fwd": 0.0, "counter": None}
+
+    def pre(module, args):
+        common.sync(device)
+        state["t0"] = time.perf_counter()
+        if state["counter"] is not None:
+            state["counter"].inside = True
+
+    def post(module, args, output):
+        common.sync(device)
+        state["fwd"] += time.perf_counter() - state["t0"]
+        if state["counter"] is not None:
+            state["counter"].inside = False
+
+    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    totals, forwards = {name: [] for name in variants}, {name: [] for name in variants}
+    rows = []
+    try:
+        for _ in range(reps):
+            for name, run in variants.items():
+                state["fwd"] = 0.0
+                common.sync(device)
+                start = time.perf_counter()
+                run()
+                common.sync(device)
+                totals[name].append(time.perf_counter() - start)
+                forwards[name].append(state["fwd"])
+        for name, run in variants.items():
+            state["counter"] = counter = _OpCounter()
+            with counter:
+                run()
+            state["counter"] = None
+            outside = {op: n for (inside, op), n in counter.counts.items() if not inside}
+            inside = sum(n for (ins, _), n in counter.counts.items() if ins)
+            top = sorted(outside.items(), key=lambda kv: -kv[1])[:6]
+            total, fwd = common.median(totals[name]), common.median(forwards[name])
+            rows.append(
+                {
+                    "engine": name,
+                    "total ms/step": 1e3 * total / steps,
+                    "forward ms/step": 1e3 * fwd / steps,
+                    "around ms/step": 1e3 * (total - fwd) / steps,
+                    "ops/step in forward": inside / steps,
+                    "ops/step around": sum(outside.values()) / steps,
+                    "syncs/step": count_syncs(run) / steps,
+                    "most frequent ops around": ", ".join(f"{op} {n / steps:.1f}" for op, n in top),
+                }
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def main():
+    p = common.base_parser(__doc__)
+    p.add_argument("--batch-sizes", type=common.int_list, default=[8, 32])
+    p.add_argument(
+        "--prompt-len", type=int, default=None, help="default: per device and model, see SIZES in this file"
+    )
+    p.add_argument(
+        "--new-tokens", type=int, default=None, help="default: per device and model, see SIZES in this file"
+    )
+    p.add_argument("--width", type=int, default=3, help="the multiplex K compared with K=1")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing: split each engine's time into the model forward and the loop around it, and count "
+        "aten ops and host syncs per step (written as <name>-profile)",
+    )
+    args = p.parse_args()
+    device, dtype = common.setup(args, "rollout")
+    sizes = SIZES[device.type]
+    k_name = f"multiplex K={args.width}"
+
+    rows, skipped = [], []
+    for model_name in args.models:
+        try:
+            model, _, label = common.load_model(model_name, device, dtype, args.smollm2_config)
+        except common.Skip as e:
+            print(f"skip {model_name}: {e}")
+            skipped.append(f"{model_name}: {e}")
+            continue
+        prompt_len = args.prompt_len or sizes[model_name][0]
+        new_tokens = args.new_tokens or sizes[model_name][1]
+        for batch in args.batch_sizes:
+            prompts, mask = common.random_prompts(model.config.vocab_size, batch, prompt_len, device, args.seed)
+            variants = engines(model, prompts, mask, width=args.width, new_tokens=new_tokens, seed=args.seed)
+            for name, run in variants.items():  # also the first warmup call
+                assert run() == new_tokens, f"{name} did not decode exactly {new_tokens} tokens"
+            if args.profile:
+                for row in profile(model, variants, device, new_tokens, args.reps):
+                    rows.append({"model": label, "batch": batch, **row})
+                    print({k: common._cell(v) for k, v in rows[-1].items()}, flush=True)
+                continue
+            times = common.time_interleaved(variants, reps=args.reps, warmup=args.warmup - 1, device=device)
+            tokens = batch * new_tokens
+            row = {"model": label, "batch": batch, "prompt": prompt_len, "new tokens": new_tokens}
+            for name, ts in times.items():
+                row[f"{name} tok/s"] = tokens / common.median(ts)
+            for ratio, num, den in (
+                (f"K{args.width}/K1", k_name, "multiplex K=1"),
+                ("K1/generate", "multiplex K=1", "generate"),
+                (f"K{args.width}/generate", k_name, "generate"),
+            ):
+                row[ratio] = common.paired_ratio(times[num], times[den])
+                row[f"{ratio} ±"] = common.ratio_spread(times[num], times[den])
+            row["targets"] = (
+                f"{common.verdict(row[f'K{args.width}/K1'], 1.05)} / {common.verdict(row['K1/generate'], 1.0)}"
+            )
+            print({k: common._cell(v) for k, v in row.items()}, flush=True)
+            rows.append(row)
+        del model
+
+    if args.profile:
+        columns = ["model", "batch", "engine", "total ms/step", "forward ms/step", "around ms/step"]
+        columns += ["ops/step in forward", "ops/step around", "syncs/step", "most frequent ops around"]
+        notes = [
+            f"Medians of {args.reps} interleaved calls per engine after a warmup; 'forward' is the time inside the model's forward (hooks, device "
+            "synchronised), 'around' the rest of the loop (sampling, bookkeeping, cache and mask updates). Ops are "
+            "top-level aten ops counted in a second call (a dispatch mode: ops inside an op's kernel are not "
+            "counted); syncs are ops that wait for the device on CUDA, at every level, counted with torch.profiler in "
+            f"a third call ({', '.join(sorted(SYNC_OPS))}). The prefill forward counts in the per-step figures."
+        ]
+        common.write_results(
+            args.name + "-profile",
+            "Rollout profile",
+            [("where the time goes", rows, columns)],
+            common.environment(device, dtype),
+            notes,
+            skipped,
+        )
+        return
+    columns = ["model", "batch", "prompt", "new tokens", f"{k_name} tok/s", "multiplex K=1 tok/s", "generate tok/s"]
+    for ratio in (f"K{args.width}/K1", "K1/generate", f"K{args.width}/generate"):
+        columns += [ratio, f"{ratio} ±"]
+    columns += ["targets"]
+    notes = [
+        f"tok/s = batch * new tokens / median seconds over {args.reps} interleaved rounds; ratios are medians of "
+        "per-round time ratios (lower is better for the multiplex engine); ± is half the range of the per-round "
+        "ratios (round-to-round noise).",
+        f"targets: K{args.width}/K1 <= 1.05 and K1/generate <= 1.0 (issue 7).",
+        "EOS and end-of-thinking are set to vocab_size (unreachable): every row decodes all tokens, the multiplex "
+        "rows are in the thinking phase throughout; generate uses TRL's GRPOTrainer GenerationConfig "
+        "(do_sample, temperature 1, top_p 1, top_k 0, DynamicCache, no compile).",
+    ]
+    common.write_results(
+        args.name,
+        "Rollout throughput",
+        [("tokens/s and time ratios", rows, columns)],
+        common.environment(device, dtype),
+        notes,
+        skipped,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ Four hooks are overridden; everything else (rewards, advantages, every loss type
 from __future__ import annotations
 
 import functools
+import inspect
 import signal
 import threading
 from contextlib import contextmanager
@@ -167,8 +168,11 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             add_multiplex_head(unwrap_model(self.model))
             if self.ref_model is not None:
                 add_multiplex_head(unwrap_model(self.ref_model))
-        self.reward_funcs = [
-            f if isinstance(f, torch.nn.Module) else guard_reward(f, args.reward_error) for f in self.reward_funcs
+        self.reward_funcs = [  # reward models and async functions keep TRL's own handling
+            f
+            if isinstance(f, torch.nn.Module) or inspect.iscoroutinefunction(f)
+            else guard_reward(f, args.reward_error)
+            for f in self.reward_funcs
         ]
         self.add_callback(SaveOnSigterm())
         self._rollout = None  # slots of the current generation batch, set by _generate_single_turn

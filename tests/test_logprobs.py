@@ -76,12 +76,12 @@ class _LargestLogits(TorchDispatchMode):
         return out
 
 
-def test_logprob_pass_never_builds_logits_larger_than_trls(tok, tiny_model_dir):
-    """No [B, T, K, V] (nor [B, T, V]) tensor: the largest float tensor is the same as TRL's chunked path."""
+def _trl_trainer(tok, tiny_model_dir, temperature=1.0):
+    """TRL's own GRPOTrainer on the tiny model: its `_get_per_token_logps_and_entropies` is the reference."""
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     args = GRPOConfig(
         output_dir="/tmp/unused",
         use_cpu=True,
@@ -90,17 +90,20 @@ def test_logprob_pass_never_builds_logits_larger_than_trls(tok, tiny_model_dir):
         beta=0.0,
         per_device_train_batch_size=4,
         num_generations=4,
+        temperature=temperature,
     )
-    from datasets import Dataset
-
-    ds = Dataset.from_dict({"prompt": ["a"] * 4})
-    trl_trainer = GRPOTrainer(
-        model=model,
+    return GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         reward_funcs=lambda completions, **kw: [0.0] * len(completions),
         args=args,
-        train_dataset=ds,
+        train_dataset=Dataset.from_dict({"prompt": ["a"] * 4}),
         processing_class=tok,
     )
+
+
+def test_logprob_pass_never_builds_logits_larger_than_trls(tok, tiny_model_dir):
+    """No [B, T, K, V] (nor [B, T, V]) tensor: the largest float tensor is the same as TRL's chunked path."""
+    trl_trainer = _trl_trainer(tok, tiny_model_dir)
     model = trl_trainer.model
     r, input_ids, mask = _rollout(model, tok, width=3, max_new_tokens=40)
     full_ids = torch.cat([input_ids, r.completion_ids], 1)
@@ -132,29 +135,7 @@ def test_width_one_logprobs_equal_trl(tok, tiny_model_dir, left_padded):
     With left padding TRL's pass numbers positions from the first pad while ours (like generation) from the first
     real token; RoPE makes the two mathematically equal, and they differ only by float rounding of the angles.
     """
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl import GRPOConfig, GRPOTrainer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    args = GRPOConfig(
-        output_dir="/tmp/unused",
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        beta=0.0,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        temperature=0.8,
-    )
-    ds = Dataset.from_dict({"prompt": ["a"] * 4})
-    trl_trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-        args=args,
-        train_dataset=ds,
-        processing_class=tok,
-    )
+    trl_trainer = _trl_trainer(tok, tiny_model_dir, temperature=0.8)
     model = trl_trainer.model
     prompts = PROMPTS if left_padded else ["1+1?", "2+2?", "3+3?", "4+4?"]
     r, input_ids, mask = _rollout(model, tok, width=1, temperature=0.8, max_new_tokens=30, prompts=prompts)

@@ -201,3 +201,13 @@ def test_hub_token_never_reaches_saved_configs_or_logs(tmp_path, tok, capsys):
     captured = capsys.readouterr()
     assert secret not in captured.out + captured.err
     assert isinstance(tr, MultiplexGRPOTrainer)
+
+
+def test_async_reward_functions_keep_trls_async_path(tmp_path, tok):
+    async def async_reward(completions, **kwargs):
+        return [0.5] * len(completions)
+
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path), reward_funcs=[async_reward, length_reward])
+    batch = _batch(tr)
+    assert list(tr._logs["rewards"]["async_reward"]) == [0.5] * 4
+    assert torch.isfinite(batch["advantages"]).all()

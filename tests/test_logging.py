@@ -1,0 +1,35 @@
+"""report_to=wandb (offline): the multiplex metrics and the slot-0 completions table reach the run files."""
+
+import glob
+import json
+
+import pytest
+from grpo_run import register_test_reward, tiny_run_args, write_jsonl
+
+from multiplex_trl import grpo, rewards
+
+
+@pytest.fixture(autouse=True)
+def test_reward(monkeypatch):
+    monkeypatch.setattr(rewards, "REWARD_FUNCS", dict(rewards.REWARD_FUNCS))
+    register_test_reward()
+
+
+def test_wandb_offline_gets_multiplex_metrics_and_slot0_completions(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = tiny_run_args(tiny_model_dir, write_jsonl(tmp_path / "data.jsonl"), tmp_path / "out")
+    args[args.index("--report_to") + 1] = "wandb"
+    grpo.main([*args, "--log_completions", "true", "--run_name", "multiplex-logging-test"])
+
+    (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    records = open(run_file, "rb").read()
+    for metric in ("branch_rate", "distinct_per_step", "thinking_length", "closed_thinking_rate"):
+        assert f"multiplex/{metric}".encode() in records
+    tables = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "table" / "*.json")))
+    assert tables, "log_completions wrote no completions table"
+    table = json.load(open(tables[-1]))
+    assert {"prompt", "completion", "advantage"} <= set(table["columns"])
+    completion = table["data"][0][table["columns"].index("completion")]
+    assert completion[0]["role"] == "assistant" and isinstance(completion[0]["content"], str)

@@ -165,6 +165,15 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                 raise ValueError(
                     "MoE router aux loss is not supported with multiplex log-probs: set router_aux_loss_coef=0."
                 )
+            try:
+                embeddings = unwrap_model(self.model).get_input_embeddings()
+            except NotImplementedError:
+                embeddings = None
+            if not isinstance(embeddings, torch.nn.Module):
+                raise ValueError(
+                    "the model has no input embeddings (get_input_embeddings() returned nothing): multiplex rollouts "
+                    "feed merged token embeddings, so use a causal LM with an embedding layer."
+                )
             add_multiplex_head(unwrap_model(self.model))
             if self.ref_model is not None:
                 add_multiplex_head(unwrap_model(self.ref_model))
@@ -186,6 +195,13 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
         device = self.accelerator.device
+        limit = getattr(unwrap_model(self.model).config.get_text_config(), "max_position_embeddings", None)
+        longest = max(len(ids) for ids in prompt_ids)
+        if limit is not None and longest + self.max_completion_length > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens plus max_completion_length={self.max_completion_length} exceeds the "
+                f"model's max_position_embeddings={limit}: shorten the prompts or lower max_completion_length."
+            )
         prompts = [torch.tensor(ids) for ids in prompt_ids]
         input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
         attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)

@@ -211,3 +211,29 @@ def test_async_reward_functions_keep_trls_async_path(tmp_path, tok):
     batch = _batch(tr)
     assert list(tr._logs["rewards"]["async_reward"]) == [0.5] * 4
     assert torch.isfinite(batch["advantages"]).all()
+
+
+def test_prompt_longer_than_the_model_allows_is_one_clear_error(tmp_path, tok):
+    model = tiny_model(tok)
+    model.config.max_position_embeddings = 24  # the chat prompt (~14 tokens) + 20 completion tokens do not fit
+    tr = _trainer(tok, model, _args(tmp_path))
+    with pytest.raises(ValueError, match=r"a prompt of \d+ tokens plus max_completion_length=20 exceeds the model's"):
+        _batch(tr)
+
+
+def test_model_without_input_embeddings_is_refused(tmp_path, tok, monkeypatch):
+    model = tiny_model(tok)
+    monkeypatch.setattr(type(model), "get_input_embeddings", lambda self: None)
+    with pytest.raises(ValueError, match="the model has no input embeddings"):
+        _trainer(tok, model, _args(tmp_path))
+
+
+def test_tokenizer_without_pad_token_falls_back_to_eos(tmp_path):
+    from multiplex_trl.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path))  # TRL's rule: pad = eos
+    assert tok.pad_token_id == tok.eos_token_id
+    batch = _batch(tr)
+    assert batch["completion_mask"].any()

@@ -112,9 +112,10 @@ def add_multiplex_head(model) -> None:
 
 def _score_slots(lm_head, hidden, ids, coefs, valid, *, temperature, scale, softcap, entropy) -> MultiplexLogProbs:
     """sum_j c_j log p(k_j) = (sum_j c_j) log p(k_0) + sum_{j>0} c_j (z_j - z_0) on the `valid` positions [B, T]."""
-    h = hidden[valid]  # [N, H]
-    slots = ids[valid]  # [N, K]
-    coefs = coefs[valid].float()  # [N, K]
+    rows = valid.flatten().nonzero().squeeze(-1)  # [N] the one host sync: the number of scored positions
+    h = hidden.flatten(0, 1).index_select(0, rows)  # [N, H]
+    slots = ids.flatten(0, 1).index_select(0, rows)  # [N, K]
+    coefs = coefs.flatten(0, 1).index_select(0, rows).float()  # [N, K]
     weight, bias = lm_head.weight, lm_head.bias
     with maybe_gather_lm_head_ctx(weight, bias):
         logp0, ent, *_ = ChunkedLogProbFunction.apply(
@@ -132,11 +133,11 @@ def _score_slots(lm_head, hidden, ids, coefs, valid, *, temperature, scale, soft
                 y = softcap * torch.tanh(y / softcap)
             z = y / temperature
             total = total + ((z[:, 1:] - z[:, :1]) * coefs[:, 1:]).sum(-1)
-    log_probs = hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, total)
-    entropies = None
-    if entropy:
-        entropies = hidden.new_zeros(valid.shape, dtype=torch.float32).masked_scatter(valid, ent)
-    return MultiplexLogProbs(log_probs=log_probs, entropy=entropies)
+
+    def unflatten(x):  # [N] -> [B, T], zero off the scored positions (stays connected to the graph)
+        return hidden.new_zeros(valid.numel(), dtype=torch.float32).index_add(0, rows, x).view(valid.shape)
+
+    return MultiplexLogProbs(log_probs=unflatten(total), entropy=unflatten(ent) if entropy else None)
 
 
 def slot_coefficients(

@@ -93,7 +93,9 @@ def held_out_problems(recipe: dict) -> list[dict]:
 def show_completions(model_path: str, recipe: dict, problems: list[dict], width: int) -> list[str]:
     """Markdown blocks: each held-out problem's multiplex completion with its branching positions."""
     from .inference import format_branches, generate
-    from .rewards import accuracy_reward
+    from .rewards import accuracy_reward, set_thinking_end
+
+    set_thinking_end(recipe["thinking_end"])  # grade the text after this recipe's marker, as training does
 
     samples = generate(
         model_path,

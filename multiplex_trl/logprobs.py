@@ -110,29 +110,74 @@ def add_multiplex_head(model) -> None:
     model._multiplex_head = True
 
 
+class SlotLogProbs(torch.autograd.Function):
+    """Per row sum_j c_j log p(k_j) = (sum_j c_j) log p(k_0) + sum_{j>0} c_j (z_j - z_0), and the entropy.
+
+    Slot 0 runs through TRL's chunked kernel (its forward and backward, on this function's ctx). The other slots'
+    logits z_j = h . W[k_j] are K dot products; their gradient is added into the kernel's own gradient buffers in
+    backward, so K > 1 allocates no second [V, H] weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, slots, coefs, temperature, scale, softcap, outputs):
+        logp0, ent, *_ = ChunkedLogProbFunction.forward(
+            ctx, hidden, weight, bias, slots[:, 0], temperature, _VOCAB_CHUNK, softcap, scale, outputs
+        )
+        total = logp0 * coefs.sum(-1)  # exactly logp0 for a one-hot position
+        ctx.multiplex = None
+        if slots.size(1) > 1:
+            # Every row is scored (coefficient 0 where a slot does not count): no data-dependent indexing.
+            y = torch.einsum("nh,nkh->nk", hidden.float(), weight[slots].float())  # [N, K]
+            if bias is not None:
+                y = y + bias[slots].float()
+            z, dz_dy = _transform(y, scale, softcap, temperature)
+            total = total + ((z[:, 1:] - z[:, :1]) * coefs[:, 1:]).sum(-1)
+            ctx.multiplex = (slots, coefs, dz_dy)
+        return total, ent
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_entropy):
+        coef_sum = None if ctx.multiplex is None else ctx.multiplex[1].sum(-1)
+        grad_logp0 = grad_total if grad_total is None or coef_sum is None else grad_total * coef_sum
+        grad_hidden, grad_weight, grad_bias, *_ = ChunkedLogProbFunction.backward(ctx, grad_logp0, grad_entropy)
+        if ctx.multiplex is not None and grad_total is not None:
+            hidden, weight, bias = ctx.saved_tensors[:3]
+            slots, coefs, dz_dy = ctx.multiplex
+            # d total / d y_j: c_j for j > 0, -sum_{j>0} c_j for slot 0, times dz/dy, times the upstream gradient.
+            a = torch.cat([-coefs[:, 1:].sum(-1, keepdim=True), coefs[:, 1:]], dim=-1) * dz_dy
+            a = a * grad_total.float().unsqueeze(-1)  # [N, K]
+            with maybe_gather_lm_head_ctx(weight, bias):
+                if grad_hidden is not None:
+                    extra = torch.einsum("nk,nkh->nh", a, weight[slots].float())
+                    grad_hidden = grad_hidden + extra.to(grad_hidden.dtype)
+                if grad_weight is not None:
+                    rows = (a.unsqueeze(-1) * hidden.float().unsqueeze(1)).flatten(0, 1)  # [N*K, H]
+                    grad_weight.index_add_(0, slots.flatten(), rows.to(grad_weight.dtype))
+                if grad_bias is not None:
+                    grad_bias.index_add_(0, slots.flatten(), a.flatten().to(grad_bias.dtype))
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _transform(y, scale, softcap, temperature):
+    """The LM head's logit transform (scale, softcap, temperature) and its derivative."""
+    y = y * scale
+    if softcap is None:
+        return y / temperature, torch.full_like(y, scale / temperature)
+    t = torch.tanh(y / softcap)
+    return softcap * t / temperature, scale * (1 - t * t) / temperature
+
+
 def _score_slots(lm_head, hidden, ids, coefs, valid, *, temperature, scale, softcap, entropy) -> MultiplexLogProbs:
-    """sum_j c_j log p(k_j) = (sum_j c_j) log p(k_0) + sum_{j>0} c_j (z_j - z_0) on the `valid` positions [B, T]."""
+    """Factorised log-probs (and entropies) of the `valid` positions [B, T] of `ids` [B, T, K] with `coefs`."""
     rows = valid.flatten().nonzero().squeeze(-1)  # [N] the one host sync: the number of scored positions
     h = hidden.flatten(0, 1).index_select(0, rows)  # [N, H]
     slots = ids.flatten(0, 1).index_select(0, rows)  # [N, K]
     coefs = coefs.flatten(0, 1).index_select(0, rows).float()  # [N, K]
     weight, bias = lm_head.weight, lm_head.bias
     with maybe_gather_lm_head_ctx(weight, bias):
-        logp0, ent, *_ = ChunkedLogProbFunction.apply(
-            h, weight, bias, slots[:, 0], temperature, _VOCAB_CHUNK, softcap, scale, ("entropy",) if entropy else ()
+        total, ent = SlotLogProbs.apply(
+            h, weight, bias, slots, coefs, temperature, scale, softcap, ("entropy",) if entropy else ()
         )
-        total = logp0 * coefs.sum(-1)  # exactly logp0 for a one-hot position
-        if slots.size(1) > 1:
-            # z_j - z_0 for the other slots: one dot product each, in float32. Every row is scored (coefficient 0
-            # where a slot does not count) so no data-dependent indexing forces a host sync.
-            y = torch.einsum("nh,nkh->nk", h.float(), weight[slots].float())  # [N, K]
-            if bias is not None:
-                y = y + bias[slots].float()
-            y = y * scale
-            if softcap is not None:
-                y = softcap * torch.tanh(y / softcap)
-            z = y / temperature
-            total = total + ((z[:, 1:] - z[:, :1]) * coefs[:, 1:]).sum(-1)
 
     def unflatten(x):  # [N] -> [B, T], zero off the scored positions (stays connected to the graph)
         return hidden.new_zeros(valid.numel(), dtype=torch.float32).index_add(0, rows, x).view(valid.shape)

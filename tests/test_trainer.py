@@ -247,3 +247,24 @@ def test_overridden_trl_hooks_keep_their_signatures():
     assert "self._get_per_token_logps_and_entropies(" in src and "self._generate(" in src
     assert "self._generate_single_turn(" in inspect.getsource(GRPOTrainer._generate)
     assert "tool_mask" in inspect.getsource(GRPOTrainer._compute_loss)
+    # multiplex_trl.logprobs.SlotLogProbs runs TRL's chunked kernel's forward and backward on its own ctx
+    from trl.kernels import ChunkedLogProbFunction
+
+    forward = list(inspect.signature(ChunkedLogProbFunction.forward).parameters)
+    assert forward[:10] == [
+        "ctx",
+        "hidden",
+        "weight",
+        "bias",
+        "targets",
+        "temperature",
+        "chunk_size",
+        "final_logit_softcapping",
+        "logit_scale",
+        "outputs",
+    ]
+    assert list(inspect.signature(ChunkedLogProbFunction.backward).parameters)[:3] == [
+        "ctx",
+        "grad_logprobs",
+        "grad_entropy",
+    ]

@@ -92,7 +92,7 @@ def add_multiplex_head(model) -> None:
         out = self.base_model(
             inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False, **kwargs
         )
-        prompt_len, length = input_ids.size(1), multiplex_ids.size(1)
+        length = multiplex_ids.size(1)
         hidden = out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + length]  # [B, T, H] predicts each slot
         return _score_slots(
             self.get_output_embeddings(),

@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from multiplex_trl.logprobs import multiplex_logprobs  # noqa: E402
 from multiplex_trl.testing import tiny_model, tiny_tokenizer  # noqa: E402
 
 
@@ -42,6 +43,14 @@ def chat_batch(tok, questions):
     ]
     enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
     return enc.input_ids, enc.attention_mask
+
+
+def recompute(model, input_ids, mask, rollout, temperature=1.0, **kwargs):
+    """`multiplex_logprobs` of a rollout's stored slots (the teacher-forced pass the trainer runs)."""
+    return multiplex_logprobs(
+        model, input_ids, mask, rollout.ids, rollout.weights, rollout.completion_mask,
+        temperature=temperature, thinking_mask=rollout.thinking_mask, **kwargs,
+    )  # fmt: skip
 
 
 class Steered(torch.nn.Module):

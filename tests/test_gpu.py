@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import chat_batch
+from conftest import chat_batch, recompute
 
-from multiplex_trl.logprobs import multiplex_logprobs
 from multiplex_trl.rollout import multiplex_generate
 from multiplex_trl.testing import tiny_model
 
@@ -34,9 +33,7 @@ def _rollout(model, tok, **kw):
 def test_rollout_logprobs_match_recompute_on_cuda_fp32(tok):
     model = tiny_model(tok).cuda().eval()
     r, input_ids, mask = _rollout(model, tok, top_k=40)
-    lp = multiplex_logprobs(
-        model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=1.0, thinking_mask=r.thinking_mask
-    )
+    lp = recompute(model, input_ids, mask, r, temperature=1.0)
     assert r.ids.is_cuda and lp.is_cuda
     assert (lp - r.logprobs).abs().max().item() < 1e-4  # TF32-free fp32, Triton kernel vs cuBLAS decode
 
@@ -44,9 +41,7 @@ def test_rollout_logprobs_match_recompute_on_cuda_fp32(tok):
 def test_bf16_recompute_is_close_to_rollout(tok):
     model = tiny_model(tok).cuda().to(torch.bfloat16).eval()
     r, input_ids, mask = _rollout(model, tok)
-    lp = multiplex_logprobs(
-        model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=1.0, thinking_mask=r.thinking_mask
-    )
+    lp = recompute(model, input_ids, mask, r, temperature=1.0)
     diff = (lp - r.logprobs)[r.completion_mask].abs()
     # bf16 keeps ~3 significant digits of each logit: the per-position gap stays at that scale
     assert diff.mean().item() < 0.1, diff.mean().item()

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import chat_batch
+from conftest import chat_batch, recompute
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from multiplex_trl.logprobs import multiplex_logprobs
@@ -30,9 +30,7 @@ def _rollout(model, tok, width=3, n=4, max_new_tokens=24, prompts=PROMPTS, **kw)
 
 def test_factorised_logprob_sums_every_slot_at_thinking_positions(tok, model):
     r, input_ids, mask = _rollout(model, tok)
-    lp = multiplex_logprobs(
-        model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=1.0, thinking_mask=r.thinking_mask
-    )
+    lp = recompute(model, input_ids, mask, r, temperature=1.0)
     # Brute force: full logits from an inputs_embeds forward, log_softmax, sum the counted slots.
     emb = model.get_input_embeddings()
     completion = (emb(r.ids) * r.weights.unsqueeze(-1)).sum(-2)
@@ -50,9 +48,7 @@ def test_factorised_logprob_sums_every_slot_at_thinking_positions(tok, model):
 def test_gradients_reach_every_slot_embedding_row(tok, model):
     r, input_ids, mask = _rollout(model, tok)
     model.zero_grad()
-    lp = multiplex_logprobs(
-        model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=1.0, thinking_mask=r.thinking_mask
-    )
+    lp = recompute(model, input_ids, mask, r, temperature=1.0)
     lp.sum().backward()
     grad = model.get_input_embeddings().weight.grad
     used = r.ids[r.thinking_mask][r.weights[r.thinking_mask] > 0].unique()
@@ -111,17 +107,7 @@ def test_logprob_pass_never_builds_logits_larger_than_trls(tok, tiny_model_dir):
     with _LargestLogits(len(tok)) as trl_mode:
         trl_trainer._get_per_token_logps_and_entropies(model, full_ids, full_mask, r.ids.size(1), compute_entropy=True)
     with _LargestLogits(len(tok)) as ours:
-        multiplex_logprobs(
-            model,
-            input_ids,
-            mask,
-            r.ids,
-            r.weights,
-            r.completion_mask,
-            temperature=1.0,
-            thinking_mask=r.thinking_mask,
-            compute_entropy=True,
-        )
+        recompute(model, input_ids, mask, r, temperature=1.0, compute_entropy=True)
     vocab = len(tok)
     bt = r.ids.size(0) * r.ids.size(1)
     assert 0 < ours.largest <= trl_mode.largest, (ours.largest, trl_mode.largest)
@@ -145,17 +131,7 @@ def test_width_one_logprobs_equal_trl(tok, tiny_model_dir, left_padded):
     theirs, their_ent, _ = trl_trainer._get_per_token_logps_and_entropies(
         model, full_ids, full_mask, r.ids.size(1), compute_entropy=True
     )
-    ours, our_ent = multiplex_logprobs(
-        model,
-        input_ids,
-        mask,
-        r.ids,
-        r.weights,
-        r.completion_mask,
-        temperature=0.8,
-        thinking_mask=r.thinking_mask,
-        compute_entropy=True,
-    )
+    ours, our_ent = recompute(model, input_ids, mask, r, temperature=0.8, compute_entropy=True)
     m = r.completion_mask
     tol = 1e-5 if left_padded else 1e-6
     assert (ours[m] - theirs[m]).abs().max().item() < tol

@@ -1,9 +1,8 @@
 import pytest
 import torch
-from conftest import Steered, chat_batch
+from conftest import Steered, chat_batch, recompute
 
 from multiplex_trl import MultiplexGRPOConfig
-from multiplex_trl.logprobs import multiplex_logprobs
 from multiplex_trl.mixers import MIXERS, Mixer, get_mixer
 from multiplex_trl.rollout import multiplex_generate
 from multiplex_trl.sampling import draw_slots
@@ -135,30 +134,10 @@ def test_trainable_mixers_recompute_their_rollout_logprobs(tok, model, name):
         max_thinking_tokens=10,
         top_k=30,
     )
-    lp = multiplex_logprobs(
-        model,
-        input_ids,
-        mask,
-        r.ids,
-        r.weights,
-        r.completion_mask,
-        temperature=1.0,
-        thinking_mask=r.thinking_mask,
-        mixer=name,
-    )
+    lp = recompute(model, input_ids, mask, r, temperature=1.0, mixer=name)
     assert (lp - r.logprobs).abs().max().item() < 1e-5
     if name != "multiplex":  # MoT-G's sum_j w_j log pi(k_j): a weighted mean, so no larger than the best slot
-        per_slot = multiplex_logprobs(
-            model,
-            input_ids,
-            mask,
-            r.ids,
-            r.weights,
-            r.completion_mask,
-            temperature=1.0,
-            thinking_mask=r.thinking_mask,
-            mixer="multiplex",
-        )
+        per_slot = recompute(model, input_ids, mask, r, temperature=1.0, mixer="multiplex")
         think = r.thinking_mask
         assert (lp[think] > per_slot[think]).all()  # all-K sum is more negative than a convex combination
 

@@ -1,8 +1,7 @@
 import pytest
 import torch
-from conftest import Steered, chat_batch
+from conftest import Steered, chat_batch, recompute
 
-from multiplex_trl.logprobs import multiplex_logprobs
 from multiplex_trl.rollout import multiplex_generate
 from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
@@ -160,8 +159,6 @@ def test_rollout_logprobs_match_recompute(tok, model, width, merge):
     assert (mask == 0).any(), "prompts must be left-padded"
     lengths = r.lengths()
     assert min(lengths) < max(lengths) or r.completion_mask.all()
-    lp = multiplex_logprobs(
-        model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=0.9, thinking_mask=r.thinking_mask
-    )
+    lp = recompute(model, input_ids, mask, r, temperature=0.9)
     assert (lp[~r.completion_mask] == 0).all()
     assert (lp - r.logprobs).abs().max().item() < 1e-5

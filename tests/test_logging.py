@@ -33,3 +33,18 @@ def test_wandb_offline_gets_multiplex_metrics_and_slot0_completions(tiny_model_d
     assert {"prompt", "completion", "advantage"} <= set(table["columns"])
     completion = table["data"][0][table["columns"].index("completion")]
     assert completion[0]["role"] == "assistant" and isinstance(completion[0]["content"], str)
+
+
+def test_trackio_offline_gets_multiplex_metrics(tiny_model_dir, tmp_path, monkeypatch):
+    import sqlite3
+
+    pytest.importorskip("trackio", reason="trackio is installed by the test extra (make install)")
+    monkeypatch.setattr("trackio.sqlite_storage.TRACKIO_DIR", tmp_path / "trackio")  # where the run's SQLite file goes
+    args = tiny_run_args(tiny_model_dir, write_jsonl(tmp_path / "data.jsonl"), tmp_path / "out")
+    args[args.index("--report_to") + 1] = "trackio"
+    grpo.main([*args, "--project", "multiplex-logging-test"])
+
+    (db,) = glob.glob(str(tmp_path / "trackio" / "multiplex-logging-test.db"))
+    logged = [json.loads(row[0]) for row in sqlite3.connect(db).execute("select metrics from metrics")]
+    keys = set().union(*logged)
+    assert {"train/multiplex/branch_rate", "train/multiplex/thinking_length"} <= keys, sorted(keys)[:20]

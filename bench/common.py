@@ -98,6 +98,18 @@ def on_cuda(device: torch.device) -> bool:
 # --- models -------------------------------------------------------------------------------------------------------
 
 
+def available_models(args, device: torch.device, dtype: torch.dtype, skipped: list[str]):
+    """Yield (name, model, tokenizer, label) for each of `args.models`; a missing one is printed and added to `skipped`."""
+    for name in args.models:
+        try:
+            model, tok, label = load_model(name, device, dtype, args.smollm2_config)
+        except Skip as e:
+            print(f"skip {name}: {e}")
+            skipped.append(f"{name}: {e}")
+            continue
+        yield name, model, tok, label
+
+
 def load_model(name: str, device: torch.device, dtype: torch.dtype, smollm2_config: str | None = None):
     """(model in eval mode, tokenizer, label) for `name` in MODELS; raises Skip when the model is not available.
 

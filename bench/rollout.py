@@ -178,13 +178,7 @@ def main():
     k_name = f"multiplex K={args.width}"
 
     rows, skipped = [], []
-    for model_name in args.models:
-        try:
-            model, _, label = common.load_model(model_name, device, dtype, args.smollm2_config)
-        except common.Skip as e:
-            print(f"skip {model_name}: {e}")
-            skipped.append(f"{model_name}: {e}")
-            continue
+    for model_name, model, _, label in common.available_models(args, device, dtype, skipped):
         prompt_len = args.prompt_len or sizes[model_name][0]
         new_tokens = args.new_tokens or sizes[model_name][1]
         for batch in args.batch_sizes:

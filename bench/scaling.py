@@ -41,13 +41,7 @@ def main():
     k_name = f"multiplex K={args.width}"
 
     length_rows, width_rows, skipped = [], [], []
-    for model_name in args.models:
-        try:
-            model, _, label = common.load_model(model_name, device, dtype, args.smollm2_config)
-        except common.Skip as e:
-            print(f"skip {model_name}: {e}")
-            skipped.append(f"{model_name}: {e}")
-            continue
+    for model_name, model, _, label in common.available_models(args, device, dtype, skipped):
         prompts, mask = common.random_prompts(model.config.vocab_size, args.batch, args.prompt_len, device, args.seed)
 
         base = {}

@@ -146,14 +146,8 @@ def main():
     memory = device.type == "cuda" or common.cpu_memory_supported()
 
     rows, skipped = [], []
-    for model_name in args.models:
-        try:
-            # float32 on the CPU: each trainer takes a copy and places it
-            model, tok, label = common.load_model(model_name, torch.device("cpu"), torch.float32, args.smollm2_config)
-        except common.Skip as e:
-            print(f"skip {model_name}: {e}")
-            skipped.append(f"{model_name}: {e}")
-            continue
+    # float32 on the CPU: each trainer takes a copy and places it
+    for model_name, model, tok, label in common.available_models(args, torch.device("cpu"), torch.float32, skipped):
         batch, prompt_len, completion_len = (
             a or d for a, d in zip((args.batch, args.prompt_len, args.completion_len), SIZES[device.type][model_name])
         )

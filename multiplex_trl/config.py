@@ -95,11 +95,9 @@ class MultiplexGRPOConfig(GRPOConfig):
         width = self.multiplex_width
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"multiplex_width must be an integer >= 1 (1 = discrete GRPO), got {width!r}.")
-        if self.multiplex_merge not in MERGES:
-            raise ValueError(f"multiplex_merge must be one of {list(MERGES)}, got {self.multiplex_merge!r}.")
         if not isinstance(self.thinking_end, str) or not self.thinking_end:
             raise ValueError(f"thinking_end must be a non-empty string such as '</think>', got {self.thinking_end!r}.")
-        mixer = mixer_from_config(self)  # validates the mixer name and its parameters
+        mixer = mixer_from_config(self)  # validates the mixer name and its parameters (multiplex_merge included)
         if not mixer.trainable:
             raise ValueError(
                 f"mixer={self.mixer!r} cannot be trained: {mixer.why_not_trainable}; use 'multiplex', 'dirichlet' "

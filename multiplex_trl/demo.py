@@ -92,14 +92,15 @@ def held_out_problems(recipe: dict) -> list[dict]:
 
 def show_completions(model_path: str, recipe: dict, problems: list[dict], width: int) -> list[str]:
     """Markdown blocks: each held-out problem's multiplex completion with its branching positions."""
-    from .inference import format_branches, generate
+    from .inference import format_branches, generate, load_model
     from .rewards import accuracy_reward, set_thinking_end
 
     set_thinking_end(recipe["thinking_end"])  # grade the text after this recipe's marker, as training does
-
+    model, tokenizer = load_model(model_path, device="cpu")  # once: generate and format_branches share it
     samples = generate(
-        model_path,
+        model,
         [p["prompt"] for p in problems],
+        tokenizer=tokenizer,
         width=width,
         max_new_tokens=recipe["max_completion_length"],
         thinking_end=recipe["thinking_end"],
@@ -107,11 +108,7 @@ def show_completions(model_path: str, recipe: dict, problems: list[dict], width:
         temperature=recipe.get("temperature"),
         seed=1234,
         num_samples=1,
-        device="cpu",
     )
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     blocks = []
     for problem, (sample,) in zip(problems, samples):
         score = accuracy_reward([[{"role": "assistant", "content": sample.text}]], answer=[problem["answer"]])[0]

@@ -13,7 +13,6 @@ import functools
 import inspect
 import signal
 import threading
-from contextlib import contextmanager
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
@@ -225,6 +224,8 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         if not (torch.isfinite(rollout.weights).all() and torch.isfinite(rollout.logprobs).all()):
             raise FloatingPointError(self._non_finite("merge weights or log-probs in the rollout"))
         self._rollout = rollout
+        # TRL scores the old policy and the reference right after generation: route those passes to the slots.
+        self._active_slots = (rollout.ids, rollout.weights, rollout.thinking_mask)
         completion_ids = [row[:n].tolist() for row, n in zip(rollout.completion_ids.cpu(), rollout.lengths())]
         return completion_ids, None
 
@@ -265,41 +266,27 @@ class MultiplexGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if not self.multiplex:
             return super()._generate_and_score_completions(inputs)
-        self._rollout = None
         try:
-            # TRL computes the old-policy and reference log-probs inside; `_active_slots` routes them to the slots.
-            with self._scoring(lambda: self._rollout_slots()):
-                output = super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
             length = output["completion_ids"].size(1)
             output["multiplex_ids"] = _pad_time(self._rollout.ids, length, self._tokenizer.pad_token_id)
             output["multiplex_weights"] = _pad_time(self._rollout.weights, length, 0.0)
             output["thinking_mask"] = _pad_time(self._rollout.thinking_mask, length, False)
             self._log_multiplex_metrics(self._rollout)
         finally:
-            self._rollout = None
+            self._rollout = self._active_slots = None
         return output
 
-    def _rollout_slots(self):
-        r = self._rollout
-        return r.ids, r.weights, r.thinking_mask
-
     # --- scoring ------------------------------------------------------------------------------------------------
-
-    @contextmanager
-    def _scoring(self, slots):
-        """Route `_get_per_token_logps_and_entropies` to the given slots (a callable, resolved lazily)."""
-        self._active_slots = slots
-        try:
-            yield
-        finally:
-            self._active_slots = None
 
     def _compute_loss(self, model, inputs):
         if not self.multiplex:
             return super()._compute_loss(model, inputs)
-        slots = (inputs["multiplex_ids"], inputs["multiplex_weights"], inputs["thinking_mask"])
-        with self._scoring(lambda: slots):
+        self._active_slots = (inputs["multiplex_ids"], inputs["multiplex_weights"], inputs["thinking_mask"])
+        try:
             loss = super()._compute_loss(model, inputs)
+        finally:
+            self._active_slots = None
         if not torch.isfinite(loss):  # raised before backward, so the weights never see it
             raise FloatingPointError(self._non_finite("loss"))
         return loss
@@ -320,7 +307,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
             )
-        ids, weights, thinking = self._active_slots()
+        ids, weights, thinking = self._active_slots
         ids = _pad_time(ids, logits_to_keep, self._tokenizer.pad_token_id)
         weights = _pad_time(weights, logits_to_keep, 0.0)
         thinking = _pad_time(thinking, logits_to_keep, False)

@@ -35,6 +35,25 @@ def tiny_model_dir(tmp_path_factory, tok):
     return str(path)
 
 
+@pytest.fixture
+def text_hash_reward(monkeypatch):
+    """Registers the deterministic `text_hash` reward of tests/grpo_run.py (the registry is restored afterwards)."""
+    from grpo_run import register_test_reward
+
+    from multiplex_trl import rewards
+
+    monkeypatch.setattr(rewards, "REWARD_FUNCS", dict(rewards.REWARD_FUNCS))
+    register_test_reward()
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Eight tiny arithmetic problems in a local jsonl file."""
+    from grpo_run import write_jsonl
+
+    return write_jsonl(tmp_path / "problems.jsonl")
+
+
 def chat_batch(tok, questions):
     """Left-padded chat prompts [B, P] that open thinking."""
     texts = [

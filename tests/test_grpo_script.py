@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from grpo_run import register_test_reward, tiny_run_args, write_jsonl
+from grpo_run import tiny_run_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -14,17 +14,7 @@ from multiplex_trl import cli, grpo
 from multiplex_trl.hub import SETTINGS_FILE, load_multiplex_settings
 
 
-@pytest.fixture
-def data(tmp_path):
-    return write_jsonl(tmp_path / "problems.jsonl")
-
-
-@pytest.fixture(autouse=True)
-def test_reward(monkeypatch):
-    from multiplex_trl import rewards
-
-    monkeypatch.setattr(rewards, "REWARD_FUNCS", dict(rewards.REWARD_FUNCS))
-    register_test_reward()
+pytestmark = pytest.mark.usefixtures("text_hash_reward")  # the `text_hash` reward of tests/grpo_run.py
 
 
 @pytest.fixture

@@ -8,13 +8,16 @@ import os
 
 import pytest
 import torch
-from grpo_run import register_test_reward, tiny_run_args, write_jsonl
+from grpo_run import tiny_run_args
 from huggingface_hub import HfApi, RepoUrl, constants
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from multiplex_trl import grpo, hub
+
+
+pytestmark = pytest.mark.usefixtures("text_hash_reward")  # the `text_hash` reward of tests/grpo_run.py
 
 
 USER = "tester"
@@ -93,19 +96,6 @@ def fake_hub(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     return fake
-
-
-@pytest.fixture(autouse=True)
-def test_reward(monkeypatch):
-    from multiplex_trl import rewards
-
-    monkeypatch.setattr(rewards, "REWARD_FUNCS", dict(rewards.REWARD_FUNCS))
-    register_test_reward()
-
-
-@pytest.fixture
-def data(tmp_path):
-    return write_jsonl(tmp_path / "problems.jsonl")
 
 
 def assert_card(card: bytes):

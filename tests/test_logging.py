@@ -4,15 +4,12 @@ import glob
 import json
 
 import pytest
-from grpo_run import register_test_reward, tiny_run_args, write_jsonl
+from grpo_run import tiny_run_args, write_jsonl
 
-from multiplex_trl import grpo, rewards
+from multiplex_trl import grpo
 
 
-@pytest.fixture(autouse=True)
-def test_reward(monkeypatch):
-    monkeypatch.setattr(rewards, "REWARD_FUNCS", dict(rewards.REWARD_FUNCS))
-    register_test_reward()
+pytestmark = pytest.mark.usefixtures("text_hash_reward")  # the `text_hash` reward of tests/grpo_run.py
 
 
 def test_wandb_offline_gets_multiplex_metrics_and_slot0_completions(tiny_model_dir, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .mixers import MERGES, MIXERS, mixer_from_config
+from .rollout import check_decode_options
 
 
 @dataclass
@@ -75,6 +76,16 @@ class MultiplexGRPOConfig(GRPOConfig):
         default=256, metadata={"help": "mixer='soft': consecutive low-entropy positions before the cold stop."}
     )
 
+    multiplex_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile the rollout's decode step with torch.compile (CUDA graphs on a GPU). Needs "
+            "cache_implementation='static' (a preallocated KV cache with fixed shapes). Same rollouts as the default "
+            "loop up to rounding; compiles once per cache-length bucket. Not with ZeRO-3 (parameters are gathered "
+            "anew for every generation)."
+        },
+    )
+
     reward_error: str = field(
         default="raise",
         metadata={
@@ -123,6 +134,8 @@ class MultiplexGRPOConfig(GRPOConfig):
                 "use_vllm=True cannot run multiplex rollouts (vLLM cannot feed a merged embedding per step): set "
                 "use_vllm=False, or multiplex_width=1 for discrete GRPO with vLLM."
             )
+        if not self.use_vllm:  # the multiplex rollout runs its own decode loop
+            check_decode_options(self.cache_implementation, self.multiplex_compile)
         if width > 1 and self.repetition_penalty != 1.0:
             raise ValueError("repetition_penalty is not supported by the multiplex rollout: set it to 1.0.")
         super().__post_init__()

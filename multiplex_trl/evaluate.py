@@ -33,6 +33,7 @@ from .inference import (
     Decoding,
     UsageError,
     add_decoding_arguments,
+    check_engine,
     check_mixer_params,
     decode_batch,
     decoding_arguments,
@@ -234,12 +235,15 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     settings: dict | None = None,
+    cache_implementation: str | None = None,
+    compile: bool = False,
 ) -> dict:
     """Sample n completions per problem and method, grade them, and write samples.jsonl, results.json and the plot.
 
     `problems`: dataset name -> Dataset with `prompt` messages and `answer` (as `load_problems` returns).
     `methods`: method name -> Decoding. Samples already in samples.jsonl (same dataset, method, problem index and
-    sample index) are kept and not drawn again. Returns the content of results.json.
+    sample index) are kept and not drawn again. `cache_implementation` / `compile`: the decode loop (see
+    `multiplex_trl.generate`); they change speed, not what a sample is. Returns the content of results.json.
     """
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -274,7 +278,15 @@ def evaluate(
                 # the random stream of samples it already has.
                 generator = make_generator(batch_seed(seed, dataset, method, *chunk[0]), device)
                 conversations = [to_messages(rows[p]["prompt"]) for p, _ in chunk]
-                samples = decode_batch(model, tokenizer, conversations, decoding, generator)
+                samples = decode_batch(
+                    model,
+                    tokenizer,
+                    conversations,
+                    decoding,
+                    generator,
+                    cache_implementation=cache_implementation,
+                    compile=compile,
+                )
                 for (p, s), sample in zip(chunk, samples):
                     problem = rows[p]
                     score = grade(sample.text, problem)
@@ -451,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             for width in dict.fromkeys(args.width or [None])
         ]
         check_mixer_params(given, [d.mixer for d in decodings])
+        check_engine(args.cache_implementation, args.compile)
         methods = {d.name: d for d in decodings}
         problems = {name: _load_quietly(name, args) for name in args.dataset}
         output = Path(args.output or os.path.join("eval", Path(path.rstrip("/")).name))
@@ -475,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         settings=settings,
+        cache_implementation=args.cache_implementation,
+        compile=args.compile,
     )
     print()
     print(summary_table(report["results"]))

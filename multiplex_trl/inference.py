@@ -29,7 +29,7 @@ from .hub import hub_offline, load_multiplex_settings
 from .mixers import MIXERS, Mixer, get_mixer
 from .mixers.base import constructor_defaults
 from .models import DEMO_MODEL_ALIASES, resolve_model_name_or_path
-from .rollout import multiplex_generate
+from .rollout import check_decode_options, multiplex_generate
 from .trainer import thinking_end_ids
 
 
@@ -257,6 +257,9 @@ def decode_batch(
     conversations: list[list[dict]],
     decoding: Decoding,
     generator: torch.Generator | None = None,
+    *,
+    cache_implementation: str | None = None,
+    compile: bool = False,
 ) -> list[Sample]:
     """One batched rollout of `decoding`'s mixer over `conversations` (one row each) -> one Sample per row."""
     device = next(model.parameters()).device
@@ -279,6 +282,8 @@ def decode_batch(
             pad_token_id=tokenizer.pad_token_id,
             max_thinking_tokens=decoding.max_thinking_tokens,
             generator=generator,
+            cache_implementation=cache_implementation,
+            compile=compile,
         )
 
     def decode(tokens: list[int]) -> str:
@@ -351,6 +356,8 @@ def generate(
     seed: int | None = None,
     system_prompt: str | None = None,
     device: str | None = None,
+    cache_implementation: str | None = None,
+    compile: bool = False,
     **mixer_params,
 ) -> list[list[Sample]]:
     """Sample `num_samples` completions per prompt; returns samples[prompt][sample].
@@ -364,7 +371,10 @@ def generate(
     Settings left as None come from, in order: the mixer's paper settings (mixer="soft": Soft Thinking's `Soft.PAPER`,
     K=10, temperature 0.6, top-p 0.95, top-k 30, min-p 0.001), the folder's multiplex_config.json (paths only), the
     paper's multiplex rollout (K=3, weighted, temperature 1, top-p 1, marker "</think>").
+    `cache_implementation="static"` decodes with a static KV cache and `compile=True` compiles its decode step (CUDA
+    graphs on a GPU): same rollouts up to rounding, for long generations on a GPU (bench/results/rollout*.md).
     """
+    check_engine(cache_implementation, compile)
     if isinstance(model_or_path, (str, os.PathLike)):
         path = find_model(str(model_or_path))
         saved = load_multiplex_settings(path)
@@ -399,7 +409,17 @@ def generate(
         batch_size=batch_size,
         seed=seed,
         system_prompt=system_prompt,
+        cache_implementation=cache_implementation,
+        compile=compile,
     )
+
+
+def check_engine(cache_implementation: str | None, compile: bool) -> None:
+    """The decode-loop options, checked before any model loads (UsageError: the CLIs print it in one line)."""
+    try:
+        check_decode_options(cache_implementation, compile)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def decode_prompts(
@@ -412,6 +432,8 @@ def decode_prompts(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int | None = None,
     system_prompt: str | None = None,
+    cache_implementation: str | None = None,
+    compile: bool = False,
 ) -> list[list[Sample]]:
     """`generate` with resolved settings and a loaded model: samples[prompt][sample]."""
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
@@ -423,7 +445,15 @@ def decode_prompts(
     results: list[list[Sample]] = [[] for _ in conversations]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        samples = decode_batch(model, tokenizer, [conversations[p] for p, _ in chunk], decoding, generator)
+        samples = decode_batch(
+            model,
+            tokenizer,
+            [conversations[p] for p, _ in chunk],
+            decoding,
+            generator,
+            cache_implementation=cache_implementation,
+            compile=compile,
+        )
         for (p, _), sample in zip(chunk, samples):
             results[p].append(sample)
     return results
@@ -503,6 +533,17 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, multi: bool = False)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling generator.")
     parser.add_argument("--system-prompt", help="Optional system message.")
     parser.add_argument("--device", help="cuda, cpu, ... Default: cuda when available.")
+    parser.add_argument(
+        "--cache-implementation",
+        choices=["dynamic", "static"],
+        help="KV cache of the decode loop: 'dynamic' (default; finished rows leave the batch) or 'static' "
+        "(preallocated, fixed shapes; needed by --compile).",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Compile the decode step with torch.compile (CUDA graphs on a GPU); needs --cache-implementation static.",
+    )
 
 
 def _paper_note(setting: str) -> str:
@@ -574,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
             load_multiplex_settings(path), given, mixer=args.mixer, width=args.width, **decoding_arguments(args)
         )
         check_mixer_params(given, [decoding.mixer])
+        check_engine(args.cache_implementation, args.compile)
     except UsageError as error:
         print(f"multiplex-trl generate: error: {error}", file=sys.stderr)
         return 2
@@ -587,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         system_prompt=args.system_prompt,
+        cache_implementation=args.cache_implementation,
+        compile=args.compile,
     )
     for p, samples in enumerate(results):
         for s, sample in enumerate(samples):

@@ -10,6 +10,10 @@ from .mixers import Mixer, get_mixer
 from .sampling import merge_embeddings, prepare_logits
 
 
+CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+STATIC_CACHE_BUCKET = 256  # static caches are sized in multiples of this, so prompt lengths share compiled steps
+
+
 @dataclass
 class MultiplexRollout:
     """What a rollout stores for every completion position t (METHOD.md section 3)."""
@@ -50,6 +54,8 @@ def multiplex_generate(
     max_thinking_tokens: int | None = None,
     generator: torch.Generator | None = None,
     mixer: Mixer | str = "multiplex",
+    cache_implementation: str | None = None,
+    compile: bool = False,
 ) -> MultiplexRollout:
     """Sample multiplex completions for left-padded prompts [B, P].
 
@@ -57,7 +63,14 @@ def multiplex_generate(
     `thinking_end_ids` marker (or the budget forces it). Answer phase: one token per position. EOS in slot 0 ends a
     row; finished rows are dropped from the batch (and the KV cache) so they cost nothing.
     `mixer` swaps the multiplex draw for another token-mixing rule (a name or a `Mixer`, see `multiplex_trl.mixers`).
+
+    `cache_implementation="static"` decodes with a preallocated KV cache and fixed shapes instead: finished rows
+    stay in the batch (their positions are simply not stored), so every step has the same shapes. `compile=True`
+    then runs each decode step's forward through `torch.compile` (CUDA graphs on a GPU). Both give the same
+    rollout as the default loop up to floating-point rounding (tests/test_fast_decode.py).
     """
+    check_decode_options(cache_implementation, compile)
+    static = cache_implementation == "static"
     if isinstance(mixer, str):
         mixer = get_mixer(mixer, width, **({"merge": merge} if mixer == "multiplex" else {}))
     # Per-slot log-prob coefficients at mixed positions: the method's likelihood, or a plain sum if it has none.
@@ -86,8 +99,20 @@ def multiplex_generate(
     steps = []  # per step: (rows, ids, weights, merged, forced, logp, closes), written out once after the loop
 
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    decode, cache, alive = model, None, None
+    if static:  # one cache of a bucketed length for the whole rollout; the mask spans it at every step
+        cache, cache_len = _static_cache(model, prompt_len + max_new_tokens)
+        mask = torch.cat([mask, mask.new_zeros(batch, cache_len - mask.size(1))], dim=-1)
+        alive = torch.ones(batch, dtype=torch.bool, device=device)
+        if compile:
+            decode = compiled_decode_step(model)
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
+        input_ids=input_ids,
+        attention_mask=mask if static else attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
     )
     cache, logits = out.past_key_values, out.logits[:, -1]
 
@@ -125,15 +150,21 @@ def multiplex_generate(
         weights = torch.where(merged.unsqueeze(-1), weights, one_hot)
         ids = ids.masked_fill(~merged.unsqueeze(-1) & slot_is_pad, pad_token_id)
         step_logp = torch.where(merged, (coefficients(weights) * logps).sum(-1), logps[:, 0])
-        steps.append((rows, ids, weights, merged, forced, step_logp, closes))
+        steps.append((rows, ids, weights, merged, forced, step_logp, closes, alive))
         thought = thought + merged
         thinking = thinking & ~closes
 
         if t == max_new_tokens - 1:
             break
-        n_done = int(ends.sum())  # the one host sync per step
-        if n_done == rows.numel():
-            break
+        if static:  # fixed shapes: finished rows stay and are masked out of the records
+            alive = alive & ~ends
+            if not bool(alive.any()):  # the one host sync per step
+                break
+            n_done = 0
+        else:
+            n_done = int(ends.sum())  # the one host sync per step
+            if n_done == rows.numel():
+                break
         if n_done:
             keep = (~ends).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
@@ -141,20 +172,24 @@ def multiplex_generate(
                 x[keep] for x in (rows, mask, position, thinking, thought, forcing, recent, cold, ids, weights)
             )
 
-        out = model(
+        out = decode(
             inputs_embeds=merge_embeddings(embed, ids, weights).unsqueeze(1),
-            attention_mask=mask[:, : prompt_len + t + 1],
+            attention_mask=mask if static else mask[:, : prompt_len + t + 1],
             position_ids=position.unsqueeze(-1),
             past_key_values=cache,
             use_cache=True,
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        logits = out.logits[:, -1].clone() if decode is not model else out.logits[:, -1]
         position = position + 1
 
     # Scatter the per-step records into [B, T, ...] once.
     length = len(steps)
     step_rows = torch.cat([s[0] for s in steps])
     step_t = torch.cat([torch.full_like(s[0], t) for t, s in enumerate(steps)])
+    if static:  # keep the positions each row decoded before it finished
+        valid = torch.cat([s[7] for s in steps])
+        steps = [tuple(x[s[7]] if x is not None else None for x in s[:7]) for s in steps]
+        step_rows, step_t = step_rows[valid], step_t[valid]
     at = (step_rows, step_t)
     out_ids = torch.full((batch, length, k), pad_token_id, dtype=torch.long, device=device)
     out_ids[at] = torch.cat([s[1] for s in steps])
@@ -180,3 +215,49 @@ def multiplex_generate(
         logprobs=logprobs,
         closed=closed,
     )
+
+
+def check_decode_options(cache_implementation: str | None, compile: bool) -> None:
+    """One-line errors for the decode-loop options (raised before anything runs)."""
+    if cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"cache_implementation must be one of {list(CACHE_IMPLEMENTATIONS)} for the multiplex rollout, "
+            f"got {cache_implementation!r}."
+        )
+    if compile and cache_implementation != "static":
+        raise ValueError(
+            "A compiled decode step needs fixed shapes: set cache_implementation='static' with compile "
+            "(multiplex_compile in a config, --compile on the command line)."
+        )
+
+
+def _static_cache(model, length: int):
+    """A StaticCache for at least `length` positions, rounded up to the bucket (within the model's positions)."""
+    from transformers import StaticCache
+
+    bucket = -(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None:
+        bucket = max(length, min(bucket, limit))
+    return StaticCache(config=model.config, max_cache_len=bucket), bucket
+
+
+def compiled_decode_step(model):
+    """`model.__call__` compiled once per model for the one-token decode step (CUDA graphs on a GPU).
+
+    Shapes are static (batch, a bucketed cache length), so a training run compiles once per cache bucket.
+    """
+    compiled = getattr(model, "_multiplex_compiled_decode", None)
+    if compiled is None:
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        step = torch.compile(
+            model.__call__, fullgraph=False, dynamic=False, mode="reduce-overhead" if on_gpu else None
+        )
+
+        def compiled(**kwargs):
+            if on_gpu:  # each call starts a new CUDA-graph step; outputs of the previous one are already consumed
+                torch.compiler.cudagraph_mark_step_begin()
+            return step(**kwargs)
+
+        model._multiplex_compiled_decode = compiled
+    return compiled

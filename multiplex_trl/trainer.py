@@ -253,6 +253,8 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             pad_token_id=self._tokenizer.pad_token_id,
             max_thinking_tokens=args.max_thinking_tokens,
             mixer=self.mixer,
+            cache_implementation=args.cache_implementation,
+            compile=args.multiplex_compile,
         )
 
     def _generate(self, prompts):

@@ -81,6 +81,7 @@ class Steered(torch.nn.Module):
     def __init__(self, model, bias):
         super().__init__()
         self.model, self.bias, self.step, self.batch_sizes = model, bias, 0, []
+        self.config = model.config
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

@@ -29,6 +29,8 @@ def test_defaults_are_the_papers():
         ({"max_thinking_tokens": -1}, "max_thinking_tokens must be a non-negative integer"),
         ({"use_vllm": True}, "use_vllm=True cannot run multiplex rollouts"),
         ({"repetition_penalty": 1.2}, "repetition_penalty is not supported"),
+        ({"cache_implementation": "offloaded"}, "cache_implementation must be one of"),
+        ({"multiplex_compile": True}, "set cache_implementation='static'"),
     ],
 )
 def test_bad_config_is_one_clear_error(kwargs, match):

@@ -159,6 +159,8 @@ def test_generate_cli(tiny_model_dir, capsys, monkeypatch):
     assert "--- multiplex(K=3): " in capsys.readouterr().out
     assert inference.main([*base, "--max-new-tokens", "4", "--mixer", "soft"]) == 0
     assert "--- soft(K=10): " in capsys.readouterr().out  # Soft Thinking's paper width
+    assert inference.main([*base, "--max-new-tokens", "8", "--cache-implementation", "static"]) == 0
+    assert "--- multiplex(K=3): " in capsys.readouterr().out
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not be loaded for bad input")
@@ -174,6 +176,7 @@ def test_generate_cli(tiny_model_dir, capsys, monkeypatch):
         ),
         (["--gumbel-tau", "0.3"], "gumbel_tau is a parameter of mixer 'gumbel', not of 'multiplex'"),
         (["--mixer", "gumbel", "--gumbel-tau", "0"], "gumbel_tau must be > 0"),
+        (["--compile"], "set cache_implementation='static'"),
     ]:
         assert inference.main([*base, *extra]) == 2
         err = capsys.readouterr().err

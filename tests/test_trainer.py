@@ -268,3 +268,25 @@ def test_overridden_trl_hooks_keep_their_signatures():
         "grad_logprobs",
         "grad_entropy",
     ]
+
+
+def test_static_cache_and_compiled_decode_train(tmp_path, tok, monkeypatch):
+    """cache_implementation='static' + multiplex_compile reach the rollout; its log-probs are exact; the run trains."""
+    from conftest import chat_batch, recompute
+
+    import multiplex_trl.rollout as rollout_module
+
+    compiled_for = []
+    real = rollout_module.compiled_decode_step
+    monkeypatch.setattr(rollout_module, "compiled_decode_step", lambda m: compiled_for.append(m) or real(m))
+    model = tiny_model(tok)
+    before = _params(model)
+    tr = _trainer(tok, model, _args(tmp_path, cache_implementation="static", multiplex_compile=True))
+    input_ids, mask = chat_batch(tok, ["1+1?", "what is two plus two?", "x", "a longer prompt"])
+    rollout = tr._multiplex_generate(model.eval(), input_ids, mask)
+    assert compiled_for == [model]
+    assert (recompute(model, input_ids, mask, rollout) - rollout.logprobs).abs().max().item() < 1e-5
+    tr.train()
+    assert len(compiled_for) > 1 and all(m is model for m in compiled_for)
+    assert "multiplex/branch_rate" in tr.state.log_history[0]
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -1,0 +1,173 @@
+"""The fast decode path (static KV cache, compiled decode step) against the reference eager loop."""
+
+import pytest
+import torch
+from conftest import Steered, chat_batch, recompute
+
+from multiplex_trl.rollout import STATIC_CACHE_BUCKET, _static_cache, multiplex_generate
+from multiplex_trl.testing import tiny_model, tiny_tokenizer
+
+
+EOS = 1
+FIELDS = ("ids", "weights", "thinking_mask", "completion_mask", "forced_mask", "closed")
+EXACT = ("ids", "thinking_mask", "completion_mask", "forced_mask", "closed")  # weights/log-probs: up to rounding
+
+
+def _run(model, tok, questions, seed=0, **kwargs):
+    input_ids, mask = chat_batch(tok, questions)
+    args = {
+        "width": 3,
+        "max_new_tokens": 30,
+        "thinking_end_ids": tok.encode("</think>", add_special_tokens=False),
+        "eos_token_ids": [tok.eos_token_id],
+        "pad_token_id": tok.pad_token_id,
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    args.update(kwargs)
+    return multiplex_generate(model, input_ids, mask, **args), input_ids, mask
+
+
+def _assert_same(a, b, atol=1e-5):
+    for field in EXACT:
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert (a.weights - b.weights).abs().max().item() < atol
+    assert (a.logprobs - b.logprobs).abs().max().item() < atol
+
+
+def _scripted(tok, step_to_bias):
+    """A steered tiny model whose every row follows `step_to_bias(step)` -> {token: logit} (None: own logits)."""
+    model = tiny_model(tok).eval()
+
+    def bias(step):
+        script = step_to_bias(step)
+        if script is None:
+            return None
+        b = torch.full((len(tok),), -1e4)
+        for t, v in script.items():
+            b[t] = v + 1e4
+        return b
+
+    return Steered(model, bias)
+
+
+def _scenarios():
+    tok = tiny_tokenizer()
+    plain = tiny_tokenizer(with_think_token=False)
+    marker = tok.convert_tokens_to_ids("</think>")
+    a, b = tok.encode("ab", add_special_tokens=False)
+    plain_a = plain.encode("a", add_special_tokens=False)[0]
+    return {
+        # branching thinking, the marker at step 3, answer, EOS at step 6
+        "stop_rule": (tok, lambda s: {0: {a: 0.0, b: 0.0}, 1: {a: 0.0, b: 0.3}, 3: {marker: 0}}.get(s, {EOS: 0.0})
+                      if s in (0, 1, 3) or s >= 6 else {a: 0.0, b: 0.0} if s == 2 else {b: 0.0}, {}),
+        # EOS in slot 0 half the time: rows end at different steps
+        "mixed_lengths": (tok, lambda s: {a: 0.0, EOS: -1.0}, {}),
+        # never closes: the budget forces the 8-token marker of a tokenizer without </think>
+        "budget": (plain, lambda s: {plain_a: 0.0}, {"max_thinking_tokens": 4, "max_new_tokens": 20}),
+        # the model's own distribution, top-k / top-p filtering, a budget
+        "free": (tok, lambda s: None, {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "max_thinking_tokens": 10}),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("scenario", ["stop_rule", "mixed_lengths", "budget", "free"])
+def test_static_cache_matches_eager_loop_while_no_row_has_finished(scenario):
+    """Same draws until the first row finishes (the eager loop then drops the row, so later draws use other RNG
+    numbers); on scripted rollouts where rows end together or by script the two are identical throughout."""
+    tok, script, kwargs = _scenarios()[scenario]
+    questions = ["hi", "what is two plus two?", "x", "a longer prompt here"]
+    eager, _, _ = _run(_scripted(tok, script), tok, questions, **kwargs)
+    static, _, _ = _run(_scripted(tok, script), tok, questions, cache_implementation="static", **kwargs)
+    lengths = eager.lengths()
+    if scenario in ("stop_rule", "budget"):  # deterministic scripts: the whole rollout is identical
+        _assert_same(eager, static)
+        return
+    first_end = min(lengths)
+
+    def cut(r):
+        return type(r)(**{f: getattr(r, f)[:, :first_end] for f in (*FIELDS[:-1], "logprobs")}, closed=r.closed)
+
+    _assert_same(cut(eager), cut(static))
+    if scenario == "mixed_lengths":
+        assert min(lengths) < max(lengths), "rows should end at different steps"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_static_cache_rollout_logprobs_match_recompute(tok, attn):
+    """Every stored position of the static path (left padding, rows ending at different steps) is exact."""
+    model = tiny_model(tok).eval()
+    model.set_attn_implementation(attn)
+    questions = ["1+1?", "what is two plus two?", "x", "a longer prompt here"]
+    r, input_ids, mask = _run(
+        model,
+        tok,
+        questions,
+        cache_implementation="static",
+        temperature=0.9,
+        max_new_tokens=40,
+        max_thinking_tokens=12,
+    )
+    assert (mask == 0).any()
+    lp = recompute(model, input_ids, mask, r, temperature=0.9)
+    assert (lp[~r.completion_mask] == 0).all() and (r.logprobs[~r.completion_mask] == 0).all()
+    assert (lp - r.logprobs).abs().max().item() < 1e-5
+    assert r.thinking_mask.any() and (~r.thinking_mask & r.completion_mask).any()
+
+
+def test_static_cache_keeps_the_batch_and_stores_only_live_positions(tok):
+    a = tok.encode("a", add_special_tokens=False)[0]
+
+    class RowBias(Steered):
+        """Row 0 ends at step 1, row 1 at step 4, row 2 runs to the limit (the batch never shrinks here)."""
+
+        def forward(self, **kwargs):
+            out = super().forward(**kwargs)
+            step = self.step - 1
+            b = torch.zeros(3, len(tok))
+            b[:, a] = 1e4
+            b[0, EOS] = 3e4 if step == 1 else 0.0
+            b[1, EOS] = 3e4 if step == 4 else 0.0
+            out.logits[:, -1] += b
+            return out
+
+    steered = RowBias(tiny_model(tok).eval(), lambda step: torch.zeros(len(tok)))
+    r, _, _ = _run(steered, tok, ["x", "y", "z"], max_new_tokens=8, cache_implementation="static")
+    assert r.lengths() == [2, 5, 8]
+    assert steered.batch_sizes == [3] * 8  # prefill + 7 decode steps, fixed shapes
+    assert not r.completion_mask[0, 2:].any() and (r.ids[0, 2:] == tok.pad_token_id).all()
+    assert (r.weights[0, 2:] == 0).all() and (r.logprobs[0, 2:] == 0).all()
+
+
+def test_static_cache_length_is_bucketed_within_the_models_positions(tok):
+    model = tiny_model(tok)  # max_position_embeddings 1024
+    assert _static_cache(model, 10)[1] == STATIC_CACHE_BUCKET
+    assert _static_cache(model, STATIC_CACHE_BUCKET + 1)[1] == 2 * STATIC_CACHE_BUCKET
+    assert _static_cache(model, 1000)[1] == 1024  # capped at the model's positions
+    assert _static_cache(model, 1030)[1] == 1030  # never below what the rollout needs
+
+
+def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok):
+    """torch.compile (inductor on CPU; CUDA graphs on a GPU, see tests/test_gpu.py) changes nothing but speed."""
+    model = tiny_model(tok).eval()
+    questions = ["1+1?", "what is two plus two?", "x"]
+    kwargs = {"cache_implementation": "static", "temperature": 0.9, "max_new_tokens": 24, "max_thinking_tokens": 10}
+    ref, input_ids, mask = _run(model, tok, questions, **kwargs)
+    fast, _, _ = _run(model, tok, questions, compile=True, **kwargs)
+    _assert_same(ref, fast)
+    compiled = model._multiplex_compiled_decode
+    again, _, _ = _run(model, tok, questions, compile=True, seed=1, **kwargs)  # reuses the compiled step
+    assert model._multiplex_compiled_decode is compiled
+    lp = recompute(model, input_ids, mask, again, temperature=0.9)
+    assert (lp - again.logprobs).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"cache_implementation": "offloaded"}, "cache_implementation must be one of"),
+        ({"compile": True}, "set cache_implementation='static'"),
+    ],
+)
+def test_bad_decode_options_fail_in_one_line(tok, kwargs, match):
+    with pytest.raises(ValueError, match=match) as err:
+        _run(tiny_model(tok).eval(), tok, ["x"], **kwargs)
+    assert "\n" not in str(err.value)

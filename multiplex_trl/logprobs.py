@@ -63,6 +63,9 @@ def add_multiplex_head(model) -> None:
     if getattr(model, "_multiplex_head", False):
         return
     inner_forward = model.forward
+    # Call the inner forward through its function with *this* `self`: a deep copy of the model (a reference policy)
+    # then runs its own weights, not the original's (a bound method captured here would stay bound to the original).
+    inner_func = inner_forward.__func__ if getattr(inner_forward, "__self__", None) is model else None
     scale, softcap = _logit_transform(model.config)
 
     def forward(
@@ -77,7 +80,7 @@ def add_multiplex_head(model) -> None:
         **kwargs,
     ):
         if multiplex_ids is None:
-            return inner_forward(*args, **kwargs)
+            return inner_func(self, *args, **kwargs) if inner_func is not None else inner_forward(*args, **kwargs)
         input_ids, attention_mask = kwargs.pop("input_ids"), kwargs.pop("attention_mask")  # prompt [B, P]
         position_ids = kwargs.pop("position_ids")  # [B, P + T]
         # Wrappers (PEFT) pass their unused arguments on as None (inputs_embeds, labels, ...): drop them.

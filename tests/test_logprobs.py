@@ -173,3 +173,21 @@ def test_gradients_equal_brute_force_autograd(tok, model, mixer):
     (brute * torch.linspace(0.5, 1.5, brute.numel()).view_as(brute)).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_a_deep_copy_of_a_patched_model_runs_its_own_weights(tok, model):
+    """The multiplex head patches `model.forward`; a deep copy (e.g. a reference policy) must not call back into the
+    original's weights, neither when generating (plain forward) nor when scoring slots."""
+    import copy
+
+    from multiplex_trl.logprobs import add_multiplex_head
+
+    add_multiplex_head(model)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(-1.0)
+    x = torch.randint(10, 60, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(other(input_ids=x).logits, -model(input_ids=x).logits)
+        r, input_ids, mask = _rollout(other, tok)
+        assert (recompute(other, input_ids, mask, r) - r.logprobs).abs().max().item() < 1e-5

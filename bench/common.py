@@ -122,7 +122,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, smollm2_conf
         from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
         tok = tiny_tokenizer()
-        model, label = tiny_model(tok), name
+        model, label = tiny_model(tok, max_positions=4096), name  # room for bench/scaling.py's 2048 tokens
     elif name == "smollm2":
         try:
             path, label = demo_model_path(), name

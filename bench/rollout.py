@@ -7,6 +7,10 @@ its thinking phase (K merged draws) at every position, its most expensive case.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/rollout.py                     # CPU defaults, < 3 min
     .venv/bin/python bench/rollout.py --device cuda --batch-sizes 8,32,128 --new-tokens 512
+
+With --fast it instead compares the decode loops of the multiplex rollout at K=--width: the eager loop (DynamicCache,
+finished rows leave the batch; the reference), the static KV cache, and the static cache with a compiled decode step
+(torch.compile; CUDA graphs on a GPU). The first (untimed) call of each, which includes compilation, is reported too.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ SIZES = {
 }
 
 
-def engines(model, prompts, mask, *, width: int, new_tokens: int, seed: int):
-    """The three compared callables; each returns the completion length it produced."""
+def engines(model, prompts, mask, *, width: int, new_tokens: int, seed: int, fast: bool = False):
+    """The three compared callables (with `fast`: the three decode loops); each returns the completion length."""
     unreachable = model.config.vocab_size  # no sampler draws an id >= vocab_size
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     # TRL's GRPOTrainer generation config (grpo_trainer.py) at its defaults, with the unreachable EOS.
@@ -54,7 +58,7 @@ def engines(model, prompts, mask, *, width: int, new_tokens: int, seed: int):
         out = model.generate(input_ids=prompts, attention_mask=mask, generation_config=config)
         return out.size(1) - prompts.size(1)
 
-    def multiplex(k):
+    def multiplex(k, **loop):
         def run():
             g = torch.Generator(prompts.device).manual_seed(seed)
             r = multiplex_generate(
@@ -68,11 +72,18 @@ def engines(model, prompts, mask, *, width: int, new_tokens: int, seed: int):
                 eos_token_ids=[unreachable],
                 pad_token_id=pad,
                 generator=g,
+                **loop,
             )
             return r.ids.size(1)
 
         return run
 
+    if fast:
+        return {
+            "eager": multiplex(width),
+            "static": multiplex(width, cache_implementation="static"),
+            "compiled": multiplex(width, cache_implementation="static", compile=True),
+        }
     return {f"multiplex K={width}": multiplex(width), "multiplex K=1": multiplex(1), "generate": generate}
 
 
@@ -172,8 +183,16 @@ def main():
         help="instead of timing: split each engine's time into the model forward and the loop around it, and count "
         "aten ops and host syncs per step (written as <name>-profile)",
     )
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="compare the decode loops instead: eager vs static KV cache vs static + compiled step (written as "
+        "<name>-fast)",
+    )
     args = p.parse_args()
     device, dtype = common.setup(args, "rollout")
+    if args.fast:
+        return fast_loops(args, device, dtype)
     sizes = SIZES[device.type]
     k_name = f"multiplex K={args.width}"
 
@@ -246,6 +265,55 @@ def main():
         args.name,
         "Rollout throughput",
         [("tokens/s and time ratios", rows, columns)],
+        common.environment(device, dtype),
+        notes,
+        skipped,
+    )
+
+
+def fast_loops(args, device, dtype):
+    """--fast: the static-cache and compiled decode loops against the eager loop (same engine, same tokens)."""
+    sizes = SIZES[device.type]
+    rows, skipped = [], []
+    for model_name, model, _, label in common.available_models(args, device, dtype, skipped):
+        prompt_len = args.prompt_len or sizes[model_name][0]
+        new_tokens = args.new_tokens or sizes[model_name][1]
+        for batch in args.batch_sizes:
+            prompts, mask = common.random_prompts(model.config.vocab_size, batch, prompt_len, device, args.seed)
+            variants = engines(
+                model, prompts, mask, width=args.width, new_tokens=new_tokens, seed=args.seed, fast=True
+            )
+            row = {"model": label, "batch": batch, "prompt": prompt_len, "new tokens": new_tokens}
+            for name, run in variants.items():  # the first call compiles (once per model and cache bucket)
+                common.sync(device)
+                start = time.perf_counter()
+                assert run() == new_tokens, f"{name} did not decode exactly {new_tokens} tokens"
+                common.sync(device)
+                row[f"{name} first call s"] = time.perf_counter() - start
+            times = common.time_interleaved(variants, reps=args.reps, warmup=args.warmup - 1, device=device)
+            for name, ts in times.items():
+                row[f"{name} tok/s"] = batch * new_tokens / common.median(ts)
+            for name in ("static", "compiled"):
+                row[f"{name}/eager"] = common.paired_ratio(times[name], times["eager"])
+                row[f"{name}/eager ±"] = common.ratio_spread(times[name], times["eager"])
+            print({k: common._cell(v) for k, v in row.items()}, flush=True)
+            rows.append(row)
+        del model
+    columns = ["model", "batch", "prompt", "new tokens", "eager tok/s", "static tok/s", "compiled tok/s"]
+    columns += ["static/eager", "static/eager ±", "compiled/eager", "compiled/eager ±", "compiled first call s"]
+    notes = [
+        f"Multiplex K={args.width}, every position a thinking position (EOS and marker unreachable). tok/s = batch * "
+        f"new tokens / median seconds over {args.reps} interleaved rounds; ratios are medians of per-round time "
+        "ratios (below 1: faster than the eager loop); ± is half their range.",
+        "eager: DynamicCache, finished rows leave the batch (the default, the reference). static: StaticCache sized "
+        "to a multiple of 256 positions, fixed shapes. compiled: static + torch.compile of the decode step's forward "
+        "(mode reduce-overhead = CUDA graphs on cuda; inductor's C++ backend on cpu). 'first call s' includes "
+        "compilation (paid once per model and cache bucket in a training run).",
+    ]
+    common.write_results(
+        args.name + "-fast",
+        "Rollout decode loops: eager vs static cache vs compiled step",
+        [("tokens/s and time ratios against the eager loop", rows, columns)],
         common.environment(device, dtype),
         notes,
         skipped,

@@ -7,7 +7,7 @@
 
 EOS and end-of-thinking are unreachable ids, so every row decodes every position in the thinking phase.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/scaling.py                     # CPU: tiny model, lengths 64..512
+    OMP_NUM_THREADS=1 .venv/bin/python bench/scaling.py                     # CPU: tiny model, lengths 256..2048
     .venv/bin/python bench/scaling.py --device cuda --lengths 256,512,1024,2048 --models tiny,smollm2
 """
 
@@ -18,8 +18,8 @@ from rollout import engines
 
 
 # Defaults per device: completion lengths of the length sweep, and the length of the width sweep.
-LENGTHS = {"cpu": [64, 128, 256, 512], "cuda": [256, 512, 1024, 2048]}
-WIDTH_SWEEP_LENGTH = {"cpu": 128, "cuda": 1024}
+LENGTHS = {"cpu": [256, 512, 1024, 2048], "cuda": [256, 512, 1024, 2048]}
+WIDTH_SWEEP_LENGTH = {"cpu": 256, "cuda": 1024}
 # SmolLM2 decodes 256..2048 tokens in minutes per call on a CPU, and in tens of seconds on a GPU whose eager
 # decode step is host-bound (~30 ms/step seen on an H100 host): ask for it with --models tiny,smollm2.
 DEFAULT_MODELS = {"cpu": ["tiny"], "cuda": ["tiny"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -245,19 +246,19 @@ def _static_cache(model, length: int):
 def compiled_decode_step(model):
     """`model.__call__` compiled once per model for the one-token decode step (CUDA graphs on a GPU).
 
-    Shapes are static (batch, a bucketed cache length), so a training run compiles once per cache bucket.
+    Shapes are static (batch, a bucketed cache length), so a training run compiles once per cache bucket. The compiled
+    step is kept on the model with a weak reference to its owner: a deep copy of the model compiles its own.
     """
-    compiled = getattr(model, "_multiplex_compiled_decode", None)
-    if compiled is None:
-        on_gpu = next(model.parameters()).device.type == "cuda"
-        step = torch.compile(
-            model.__call__, fullgraph=False, dynamic=False, mode="reduce-overhead" if on_gpu else None
-        )
+    owner, compiled = model.__dict__.get("_multiplex_compiled_decode", (None, None))
+    if owner is not None and owner() is model:
+        return compiled
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    step = torch.compile(model.__call__, fullgraph=False, dynamic=False, mode="reduce-overhead" if on_gpu else None)
 
-        def compiled(**kwargs):
-            if on_gpu:  # each call starts a new CUDA-graph step; outputs of the previous one are already consumed
-                torch.compiler.cudagraph_mark_step_begin()
-            return step(**kwargs)
+    def compiled(**kwargs):
+        if on_gpu:  # each call starts a new CUDA-graph step; outputs of the previous one are already consumed
+            torch.compiler.cudagraph_mark_step_begin()
+        return step(**kwargs)
 
-        model._multiplex_compiled_decode = compiled
+    model.__dict__["_multiplex_compiled_decode"] = (weakref.ref(model), compiled)
     return compiled

@@ -38,7 +38,13 @@ def tiny_tokenizer(with_think_token: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
+def tiny_model(
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    max_positions: int = 1024,
+):
     """A randomly initialised 2-layer Llama sized for the tiny tokenizer (float32, eager attention)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -48,7 +54,7 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_size: i
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,

@@ -1,10 +1,12 @@
 """The fast decode path (static KV cache, compiled decode step) against the reference eager loop."""
 
+import copy
+
 import pytest
 import torch
 from conftest import Steered, chat_batch, recompute
 
-from multiplex_trl.rollout import STATIC_CACHE_BUCKET, _static_cache, multiplex_generate
+from multiplex_trl.rollout import STATIC_CACHE_BUCKET, _static_cache, compiled_decode_step, multiplex_generate
 from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
 
@@ -153,11 +155,19 @@ def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok):
     ref, input_ids, mask = _run(model, tok, questions, **kwargs)
     fast, _, _ = _run(model, tok, questions, compile=True, **kwargs)
     _assert_same(ref, fast)
-    compiled = model._multiplex_compiled_decode
+    compiled = compiled_decode_step(model)
     again, _, _ = _run(model, tok, questions, compile=True, seed=1, **kwargs)  # reuses the compiled step
-    assert model._multiplex_compiled_decode is compiled
+    assert compiled_decode_step(model) is compiled
     lp = recompute(model, input_ids, mask, again, temperature=0.9)
     assert (lp - again.logprobs).abs().max().item() < 1e-5
+
+    # A deep copy (another policy) gets its own compiled step, never the original model's weights.
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(-1.0)
+    assert compiled_decode_step(other) is not compiled
+    flipped, _, _ = _run(other, tok, questions, compile=True, **kwargs)
+    assert (recompute(other, input_ids, mask, flipped, temperature=0.9) - flipped.logprobs).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import chat_batch, recompute
 
-from multiplex_trl.rollout import multiplex_generate
+from multiplex_trl.rollout import compiled_decode_step, multiplex_generate
 from multiplex_trl.testing import tiny_model
 
 
@@ -56,3 +56,32 @@ def test_training_step_on_gpu_bf16(tmp_path, tok):
     logs = tr.state.log_history[0]
     assert torch.isfinite(torch.tensor(logs["loss"])) and "multiplex/branch_rate" in logs
     assert next(model.parameters()).is_cuda
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["static", "static+cuda-graphs"])
+def test_static_cache_and_cuda_graph_decode_store_exact_logprobs(tok, compile):
+    """The fast decode path on the GPU: what it stores is exact (recompute) and it decodes the same lengths' worth of
+    positions as the reference eager loop's shapes allow (same [B, T, K] layout, every row's positions contiguous)."""
+    model = tiny_model(tok).cuda().eval()
+    r, input_ids, mask = _rollout(model, tok, top_k=40, cache_implementation="static", compile=compile)
+    lp = recompute(model, input_ids, mask, r, temperature=1.0)
+    assert (lp - r.logprobs).abs().max().item() < 1e-4
+    lengths = r.completion_mask.sum(-1)
+    assert (r.completion_mask == (torch.arange(r.ids.size(1), device="cuda") < lengths[:, None])).all()
+    if compile:  # the compiled step is reused by the next rollout (no recompilation for the same shapes)
+        step = compiled_decode_step(model)
+        again, _, _ = _rollout(model, tok, top_k=40, cache_implementation="static", compile=True)
+        assert compiled_decode_step(model) is step and again.completion_mask.any()
+
+
+def test_training_step_with_cuda_graph_decode(tmp_path, tok):
+    from test_trainer import _args, _trainer
+
+    model = tiny_model(tok)
+    args = _args(
+        tmp_path, use_cpu=False, bf16=True, max_steps=2, cache_implementation="static", multiplex_compile=True
+    )
+    tr = _trainer(tok, model, args)
+    tr.train()
+    assert torch.isfinite(torch.tensor(tr.state.log_history[0]["loss"]))
+    assert "_multiplex_compiled_decode" in model.__dict__

@@ -74,6 +74,8 @@ bench: install
 		echo "== $$script"; \
 		$(TEST_ENV) $(VPY) $$script || failed="$$failed $$script"; \
 	done; \
+	echo "== bench/rollout.py --fast"; \
+	$(TEST_ENV) $(VPY) bench/rollout.py --fast || failed="$$failed bench/rollout.py--fast"; \
 	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed"; exit 1; fi
 
 lint: install

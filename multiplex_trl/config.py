@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -139,3 +140,22 @@ class MultiplexGRPOConfig(GRPOConfig):
         if width > 1 and self.repetition_penalty != 1.0:
             raise ValueError("repetition_penalty is not supported by the multiplex rollout: set it to 1.0.")
         super().__post_init__()
+        if self.multiplex_compile and _shards_parameters(self):
+            raise ValueError(
+                "multiplex_compile=True cannot run under DeepSpeed ZeRO-3 or FSDP (the parameters are gathered anew "
+                "for every generation, so a compiled step would hold stale ones): set multiplex_compile=False "
+                "(cache_implementation='static' alone is fine) or use ZeRO-2 / DDP."
+            )
+
+
+def _shards_parameters(args) -> bool:
+    """Whether this run shards the parameters and gathers them per generation (DeepSpeed ZeRO-3, FSDP)."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        return True
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return True
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_config is not None and hf_config.is_zero3():
+        return True
+    return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")

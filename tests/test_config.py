@@ -70,3 +70,15 @@ def test_tools_are_refused_with_multiplex(tok, model):
             processing_class=tok,
             tools=[tool],
         )
+
+
+@pytest.mark.parametrize(
+    "env", [{"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, {"ACCELERATE_USE_FSDP": "true"}], ids=["zero3", "fsdp"]
+)
+def test_compiled_decode_is_refused_where_parameters_are_gathered_per_generation(monkeypatch, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _config(cache_implementation="static")  # the static cache alone is fine
+    with pytest.raises(ValueError, match="multiplex_compile=True cannot run under DeepSpeed ZeRO-3 or FSDP") as info:
+        _config(cache_implementation="static", multiplex_compile=True)
+    assert "\n" not in str(info.value)

@@ -162,33 +162,3 @@ def test_rollout_logprobs_match_recompute(tok, model, width, merge):
     lp = recompute(model, input_ids, mask, r, temperature=0.9)
     assert (lp[~r.completion_mask] == 0).all()
     assert (lp - r.logprobs).abs().max().item() < 1e-5
-
-
-def test_gc_is_paused_during_the_rollout_and_restored(tok, model):
-    """A full GC pass walks every per-step record: left on, a long rollout costs O(T^2) (bench/results/scaling.md)."""
-    import gc
-
-    states = []
-
-    class Probe(Steered):
-        def forward(self, **kwargs):
-            states.append(gc.isenabled())
-            return super().forward(**kwargs)
-
-    assert gc.isenabled()
-    _generate(Probe(model, lambda step: None), tok, ["x"], max_new_tokens=5)
-    assert states and not any(states) and gc.isenabled()
-
-    class Raises(Steered):
-        def forward(self, **kwargs):
-            raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        _generate(Raises(model, lambda step: None), tok, ["x"])
-    assert gc.isenabled()
-    gc.disable()  # a caller that had it off keeps it off
-    try:
-        _generate(model, tok, ["x"], max_new_tokens=3)
-        assert not gc.isenabled()
-    finally:
-        gc.enable()

@@ -13,6 +13,9 @@ from .sampling import merge_embeddings, prepare_logits
 
 CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
 STATIC_CACHE_BUCKET = 256  # static caches are sized in multiples of this, so prompt lengths share compiled steps
+# The static loop asks the device "are all rows done?" only every this many steps, so the host can queue the next
+# steps while the device works (finished rows cost nothing extra there: they stay in the fixed-shape batch anyway).
+STATIC_STOP_CHECK_EVERY = 8
 
 
 @dataclass
@@ -66,7 +69,8 @@ def multiplex_generate(
     `mixer` swaps the multiplex draw for another token-mixing rule (a name or a `Mixer`, see `multiplex_trl.mixers`).
 
     `cache_implementation="static"` decodes with a preallocated KV cache and fixed shapes instead: finished rows
-    stay in the batch (their positions are simply not stored), so every step has the same shapes. `compile=True`
+    stay in the batch (their positions are simply not stored), so every step has the same shapes, and the end check
+    (a host sync) runs every `STATIC_STOP_CHECK_EVERY` steps. `compile=True`
     then runs each decode step's forward through `torch.compile` (CUDA graphs on a GPU). Both give the same
     rollout as the default loop up to floating-point rounding (tests/test_fast_decode.py).
     """
@@ -175,7 +179,7 @@ def multiplex_generate(
             break
         if static:  # fixed shapes: finished rows stay and are masked out of the records
             alive = alive & ~ends
-            if not bool(alive.any()):  # the one host sync per step
+            if (t + 1) % STATIC_STOP_CHECK_EVERY == 0 and not bool(alive.any()):  # a host sync every few steps
                 break
             n_done = 0
         else:
@@ -201,6 +205,9 @@ def multiplex_generate(
 
     # Scatter the per-step records into [B, T, ...] once.
     length = len(step_rows)
+    if static:  # steps decoded after the last row finished (the stop check runs every few steps) are dropped
+        length = int(valid_at[:length].any(-1).nonzero().max()) + 1
+        step_rows = step_rows[:length]
     rows_flat = torch.cat(step_rows)
     counts = torch.tensor([r.numel() for r in step_rows], device=device)
     total = rows_flat.numel()

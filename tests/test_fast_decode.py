@@ -6,7 +6,13 @@ import pytest
 import torch
 from conftest import Steered, chat_batch, recompute
 
-from multiplex_trl.rollout import STATIC_CACHE_BUCKET, _static_cache, compiled_decode_step, multiplex_generate
+from multiplex_trl.rollout import (
+    STATIC_CACHE_BUCKET,
+    STATIC_STOP_CHECK_EVERY,
+    _static_cache,
+    compiled_decode_step,
+    multiplex_generate,
+)
 from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
 
@@ -137,6 +143,20 @@ def test_static_cache_keeps_the_batch_and_stores_only_live_positions(tok):
     assert steered.batch_sizes == [3] * 8  # prefill + 7 decode steps, fixed shapes
     assert not r.completion_mask[0, 2:].any() and (r.ids[0, 2:] == tok.pad_token_id).all()
     assert (r.weights[0, 2:] == 0).all() and (r.logprobs[0, 2:] == 0).all()
+
+
+def test_static_loop_checks_for_the_end_every_few_steps_and_trims_the_tail(tok):
+    """All rows end at step 2: the eager loop stops at once; the static loop runs on to its next stop check (no host
+    sync per step) and drops the steps decoded after the end, so both return the same rollout."""
+    a = tok.encode("a", add_special_tokens=False)[0]
+    script = lambda s: {a: 0.0} if s < 2 else {EOS: 0.0}  # noqa: E731
+    eager_model, static_model = _scripted(tok, script), _scripted(tok, script)
+    eager, _, _ = _run(eager_model, tok, ["x", "yy"], max_new_tokens=30)
+    static, _, _ = _run(static_model, tok, ["x", "yy"], max_new_tokens=30, cache_implementation="static")
+    assert eager.lengths() == [3, 3] and eager.ids.size(1) == 3
+    _assert_same(eager, static)
+    assert len(eager_model.batch_sizes) == 1 + 2  # prefill + decode steps 1-2
+    assert len(static_model.batch_sizes) == STATIC_STOP_CHECK_EVERY  # prefill + steps 1..7, checked after step 7
 
 
 def test_static_cache_length_is_bucketed_within_the_models_positions(tok):

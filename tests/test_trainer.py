@@ -270,8 +270,10 @@ def test_overridden_trl_hooks_keep_their_signatures():
     ]
 
 
-def test_static_cache_and_compiled_decode_train(tmp_path, tok, monkeypatch):
-    """cache_implementation='static' + multiplex_compile reach the rollout; its log-probs are exact; the run trains."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_static_cache_and_compiled_decode_train(tmp_path, tok, monkeypatch, lora):
+    """cache_implementation='static' + multiplex_compile reach the rollout; its log-probs are exact before and after
+    optimizer steps (the compiled step reads the updated weights, LoRA adapters included); the run trains."""
     from conftest import chat_batch, recompute
 
     import multiplex_trl.rollout as rollout_module
@@ -279,14 +281,25 @@ def test_static_cache_and_compiled_decode_train(tmp_path, tok, monkeypatch):
     compiled_for = []
     real = rollout_module.compiled_decode_step
     monkeypatch.setattr(rollout_module, "compiled_decode_step", lambda m: compiled_for.append(m) or real(m))
-    model = tiny_model(tok)
+    kwargs = {}
+    if lora:
+        from peft import LoraConfig
+
+        kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    args = _args(tmp_path, cache_implementation="static", multiplex_compile=True, max_steps=2)
+    tr = _trainer(tok, tiny_model(tok), args, **kwargs)
+    model = tr.accelerator.unwrap_model(tr.model)  # what the trainer generates with (the PeftModel with LoRA)
     before = _params(model)
-    tr = _trainer(tok, model, _args(tmp_path, cache_implementation="static", multiplex_compile=True))
     input_ids, mask = chat_batch(tok, ["1+1?", "what is two plus two?", "x", "a longer prompt"])
-    rollout = tr._multiplex_generate(model.eval(), input_ids, mask)
+
+    def exact_rollout():
+        rollout = tr._multiplex_generate(model.eval(), input_ids, mask)
+        assert (recompute(model, input_ids, mask, rollout) - rollout.logprobs).abs().max().item() < 1e-5
+
+    exact_rollout()
     assert compiled_for == [model]
-    assert (recompute(model, input_ids, mask, rollout) - rollout.logprobs).abs().max().item() < 1e-5
     tr.train()
     assert len(compiled_for) > 1 and all(m is model for m in compiled_for)
     assert "multiplex/branch_rate" in tr.state.log_history[0]
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    exact_rollout()  # after two optimizer steps, with the step compiled before them

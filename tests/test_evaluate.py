@@ -215,3 +215,19 @@ def test_eval_compares_mixers_side_by_side(eval_args, count_rows, capsys):
     assert cli.main([*args, "--mixer", "gumbel", "--gumbel-tau", "0.3"]) == 0
     assert sum(count_rows) == 3 * 4 and "| gumbel(K=2, gumbel_tau=0.3) |" in capsys.readouterr().out
     assert {r["method"] for r in _records(out)} == {"multiplex(K=2)", "soft(K=2)", "gumbel(K=2, gumbel_tau=0.3)"}
+
+
+def test_eval_runs_the_static_cache_loop(eval_args, monkeypatch):
+    """--cache-implementation static reaches every rollout of the run and the run completes."""
+    args, out = eval_args
+    seen = []
+    rollout = inference.multiplex_generate
+
+    def recording(*a, **kwargs):
+        seen.append(kwargs.get("cache_implementation"))
+        return rollout(*a, **kwargs)
+
+    monkeypatch.setattr(inference, "multiplex_generate", recording)
+    assert cli.main([*args, "--cache-implementation", "static"]) == 0
+    assert seen and set(seen) == {"static"}
+    assert len(_records(out)) == 3 * 4 * 2

@@ -69,10 +69,10 @@ def multiplex_generate(
     `mixer` swaps the multiplex draw for another token-mixing rule (a name or a `Mixer`, see `multiplex_trl.mixers`).
 
     `cache_implementation="static"` decodes with a preallocated KV cache and fixed shapes instead: finished rows
-    stay in the batch (their positions are simply not stored), so every step has the same shapes, and the end check
-    (a host sync) runs every `STATIC_STOP_CHECK_EVERY` steps. `compile=True`
-    then runs each decode step's forward through `torch.compile` (CUDA graphs on a GPU). Both give the same
-    rollout as the default loop up to floating-point rounding (tests/test_fast_decode.py).
+    stay in the batch (their positions are simply not stored), and the end check (a host sync) runs every
+    `STATIC_STOP_CHECK_EVERY` steps. `compile=True` then runs each decode step's forward through `torch.compile`
+    (CUDA graphs on a GPU). Both give the same rollout as the default loop up to floating-point rounding
+    (tests/test_fast_decode.py).
     """
     check_decode_options(cache_implementation, compile)
     static = cache_implementation == "static"

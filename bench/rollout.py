@@ -173,6 +173,29 @@ def profile(model, variants, device, steps: int, reps: int) -> list[dict]:
     return rows
 
 
+def cases(args, device, dtype, sizes, skipped, fast=False):
+    """Per model and batch size: (model, the table row's first cells, the compared callables, seconds of each one's
+    first call). The first call is the warmup (and compilation for --fast) and checks that it decodes every token."""
+    for model_name, model, _, label in common.available_models(args, device, dtype, skipped):
+        prompt_len = args.prompt_len or sizes[device.type][model_name][0]
+        new_tokens = args.new_tokens or sizes[device.type][model_name][1]
+        for batch in args.batch_sizes:
+            prompts, mask = common.random_prompts(model.config.vocab_size, batch, prompt_len, device, args.seed)
+            variants = engines(
+                model, prompts, mask, width=args.width, new_tokens=new_tokens, seed=args.seed, fast=fast
+            )
+            first_call = {}
+            for name, run in variants.items():
+                common.sync(device)
+                start = time.perf_counter()
+                assert run() == new_tokens, f"{name} did not decode exactly {new_tokens} tokens"
+                common.sync(device)
+                first_call[name] = time.perf_counter() - start
+            row = {"model": label, "batch": batch, "prompt": prompt_len, "new tokens": new_tokens}
+            yield model, row, variants, first_call
+        del model
+
+
 def main():
     p = common.base_parser(__doc__)
     p.add_argument("--batch-sizes", type=common.int_list, default=[8, 32])
@@ -205,41 +228,32 @@ def main():
     device, dtype = common.setup(args, "rollout")
     if args.fast:
         return fast_loops(args, device, dtype)
-    sizes = SIZES[device.type]
     k_name = f"multiplex K={args.width}"
 
     rows, skipped = [], []
-    for model_name, model, _, label in common.available_models(args, device, dtype, skipped):
-        prompt_len = args.prompt_len or sizes[model_name][0]
-        new_tokens = args.new_tokens or sizes[model_name][1]
-        for batch in args.batch_sizes:
-            prompts, mask = common.random_prompts(model.config.vocab_size, batch, prompt_len, device, args.seed)
-            variants = engines(model, prompts, mask, width=args.width, new_tokens=new_tokens, seed=args.seed)
-            for name, run in variants.items():  # also the first warmup call
-                assert run() == new_tokens, f"{name} did not decode exactly {new_tokens} tokens"
-            if args.profile:
-                for row in profile(model, variants, device, new_tokens, args.reps):
-                    rows.append({"model": label, "batch": batch, **row})
-                    print({k: common._cell(v) for k, v in rows[-1].items()}, flush=True)
-                continue
-            times = common.time_interleaved(variants, reps=args.reps, warmup=args.warmup - 1, device=device)
-            tokens = batch * new_tokens
-            row = {"model": label, "batch": batch, "prompt": prompt_len, "new tokens": new_tokens}
-            for name, ts in times.items():
-                row[f"{name} tok/s"] = tokens / common.median(ts)
-            for ratio, num, den in (
-                (f"K{args.width}/K1", k_name, "multiplex K=1"),
-                ("K1/generate", "multiplex K=1", "generate"),
-                (f"K{args.width}/generate", k_name, "generate"),
-            ):
-                row[ratio] = common.paired_ratio(times[num], times[den])
-                row[f"{ratio} ±"] = common.ratio_spread(times[num], times[den])
-            row["targets"] = (
-                f"{common.verdict(row[f'K{args.width}/K1'], 1.05)} / {common.verdict(row['K1/generate'], 1.0)}"
-            )
-            print({k: common._cell(v) for k, v in row.items()}, flush=True)
-            rows.append(row)
-        del model
+    for model, row, variants, _ in cases(args, device, dtype, SIZES, skipped):
+        batch, new_tokens = row["batch"], row["new tokens"]
+        if args.profile:
+            for profiled in profile(model, variants, device, new_tokens, args.reps):
+                rows.append({"model": row["model"], "batch": batch, **profiled})
+                print({k: common._cell(v) for k, v in rows[-1].items()}, flush=True)
+            continue
+        times = common.time_interleaved(variants, reps=args.reps, warmup=args.warmup - 1, device=device)
+        tokens = batch * new_tokens
+        for name, ts in times.items():
+            row[f"{name} tok/s"] = tokens / common.median(ts)
+        for ratio, num, den in (
+            (f"K{args.width}/K1", k_name, "multiplex K=1"),
+            ("K1/generate", "multiplex K=1", "generate"),
+            (f"K{args.width}/generate", k_name, "generate"),
+        ):
+            row[ratio] = common.paired_ratio(times[num], times[den])
+            row[f"{ratio} ±"] = common.ratio_spread(times[num], times[den])
+        row["targets"] = (
+            f"{common.verdict(row[f'K{args.width}/K1'], 1.05)} / {common.verdict(row['K1/generate'], 1.0)}"
+        )
+        print({k: common._cell(v) for k, v in row.items()}, flush=True)
+        rows.append(row)
 
     if args.profile:
         columns = ["model", "batch", "engine", "total ms/step", "forward ms/step", "around ms/step"]
@@ -285,32 +299,18 @@ def main():
 
 def fast_loops(args, device, dtype):
     """--fast: the static-cache and compiled decode loops against the eager loop (same engine, same tokens)."""
-    sizes = FAST_SIZES[device.type]
     rows, skipped = [], []
-    for model_name, model, _, label in common.available_models(args, device, dtype, skipped):
-        prompt_len = args.prompt_len or sizes[model_name][0]
-        new_tokens = args.new_tokens or sizes[model_name][1]
-        for batch in args.batch_sizes:
-            prompts, mask = common.random_prompts(model.config.vocab_size, batch, prompt_len, device, args.seed)
-            variants = engines(
-                model, prompts, mask, width=args.width, new_tokens=new_tokens, seed=args.seed, fast=True
-            )
-            row = {"model": label, "batch": batch, "prompt": prompt_len, "new tokens": new_tokens}
-            for name, run in variants.items():  # the first call compiles (once per model and cache bucket)
-                common.sync(device)
-                start = time.perf_counter()
-                assert run() == new_tokens, f"{name} did not decode exactly {new_tokens} tokens"
-                common.sync(device)
-                row[f"{name} first call s"] = time.perf_counter() - start
-            times = common.time_interleaved(variants, reps=args.reps, warmup=args.warmup - 1, device=device)
-            for name, ts in times.items():
-                row[f"{name} tok/s"] = batch * new_tokens / common.median(ts)
-            for name in ("static", "compiled"):
-                row[f"{name}/eager"] = common.paired_ratio(times[name], times["eager"])
-                row[f"{name}/eager ±"] = common.ratio_spread(times[name], times["eager"])
-            print({k: common._cell(v) for k, v in row.items()}, flush=True)
-            rows.append(row)
-        del model
+    for _, row, variants, first_call in cases(args, device, dtype, FAST_SIZES, skipped, fast=True):
+        batch, new_tokens = row["batch"], row["new tokens"]
+        row.update({f"{name} first call s": seconds for name, seconds in first_call.items()})
+        times = common.time_interleaved(variants, reps=args.reps, warmup=args.warmup - 1, device=device)
+        for name, ts in times.items():
+            row[f"{name} tok/s"] = batch * new_tokens / common.median(ts)
+        for name in ("static", "compiled"):
+            row[f"{name}/eager"] = common.paired_ratio(times[name], times["eager"])
+            row[f"{name}/eager ±"] = common.ratio_spread(times[name], times["eager"])
+        print({k: common._cell(v) for k, v in row.items()}, flush=True)
+        rows.append(row)
     columns = ["model", "batch", "prompt", "new tokens", "eager tok/s", "static tok/s", "compiled tok/s"]
     columns += ["static/eager", "static/eager ±", "compiled/eager", "compiled/eager ±", "compiled first call s"]
     notes = [

@@ -150,12 +150,6 @@ class MultiplexGRPOConfig(GRPOConfig):
 
 def _shards_parameters(args) -> bool:
     """Whether this run shards the parameters and gathers them per generation (DeepSpeed ZeRO-3, FSDP)."""
-    plugin = getattr(args, "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
-        return True
-    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        return True
-    hf_config = getattr(args, "hf_deepspeed_config", None)
-    if hf_config is not None and hf_config.is_zero3():
-        return True
-    return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    plugin = getattr(args, "deepspeed_plugin", None)  # built from --deepspeed or from `accelerate launch`'s env
+    zero3 = getattr(plugin, "zero_stage", None) == 3 or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    return zero3 or bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")

@@ -64,6 +64,24 @@ def chat_batch(tok, questions):
     return enc.input_ids, enc.attention_mask
 
 
+def generate_rollout(model, tok, questions, seed=0, **kwargs):
+    """`multiplex_generate` on chat prompts at K=3, 30 new tokens, the `</think>` marker and a seeded generator
+    (`kwargs` override): (rollout, input_ids, mask)."""
+    from multiplex_trl.rollout import multiplex_generate
+
+    input_ids, mask = chat_batch(tok, questions)
+    args = {
+        "width": 3,
+        "max_new_tokens": 30,
+        "thinking_end_ids": tok.encode("</think>", add_special_tokens=False),
+        "eos_token_ids": [tok.eos_token_id],
+        "pad_token_id": tok.pad_token_id,
+        "generator": torch.Generator().manual_seed(seed),
+    }
+    args.update(kwargs)
+    return multiplex_generate(model, input_ids, mask, **args), input_ids, mask
+
+
 def recompute(model, input_ids, mask, rollout, temperature=1.0, **kwargs):
     """`multiplex_logprobs` of a rollout's stored slots (the teacher-forced pass the trainer runs)."""
     return multiplex_logprobs(

@@ -4,14 +4,13 @@ import copy
 
 import pytest
 import torch
-from conftest import Steered, chat_batch, recompute
+from conftest import Steered, generate_rollout, recompute
 
 from multiplex_trl.rollout import (
     STATIC_CACHE_BUCKET,
     STATIC_STOP_CHECK_EVERY,
     _static_cache,
     compiled_decode_step,
-    multiplex_generate,
 )
 from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
@@ -19,20 +18,6 @@ from multiplex_trl.testing import tiny_model, tiny_tokenizer
 EOS = 1
 FIELDS = ("ids", "weights", "thinking_mask", "completion_mask", "forced_mask", "closed")
 EXACT = ("ids", "thinking_mask", "completion_mask", "forced_mask", "closed")  # weights/log-probs: up to rounding
-
-
-def _run(model, tok, questions, seed=0, **kwargs):
-    input_ids, mask = chat_batch(tok, questions)
-    args = {
-        "width": 3,
-        "max_new_tokens": 30,
-        "thinking_end_ids": tok.encode("</think>", add_special_tokens=False),
-        "eos_token_ids": [tok.eos_token_id],
-        "pad_token_id": tok.pad_token_id,
-        "generator": torch.Generator().manual_seed(seed),
-    }
-    args.update(kwargs)
-    return multiplex_generate(model, input_ids, mask, **args), input_ids, mask
 
 
 def _assert_same(a, b, atol=1e-5):
@@ -83,8 +68,8 @@ def test_static_cache_matches_eager_loop_while_no_row_has_finished(scenario):
     numbers); on scripted rollouts where rows end together or by script the two are identical throughout."""
     tok, script, kwargs = _scenarios()[scenario]
     questions = ["hi", "what is two plus two?", "x", "a longer prompt here"]
-    eager, _, _ = _run(_scripted(tok, script), tok, questions, **kwargs)
-    static, _, _ = _run(_scripted(tok, script), tok, questions, cache_implementation="static", **kwargs)
+    eager, _, _ = generate_rollout(_scripted(tok, script), tok, questions, **kwargs)
+    static, _, _ = generate_rollout(_scripted(tok, script), tok, questions, cache_implementation="static", **kwargs)
     lengths = eager.lengths()
     if scenario in ("stop_rule", "budget"):  # deterministic scripts: the whole rollout is identical
         _assert_same(eager, static)
@@ -105,7 +90,7 @@ def test_static_cache_rollout_logprobs_match_recompute(tok, attn):
     model = tiny_model(tok).eval()
     model.set_attn_implementation(attn)
     questions = ["1+1?", "what is two plus two?", "x", "a longer prompt here"]
-    r, input_ids, mask = _run(
+    r, input_ids, mask = generate_rollout(
         model,
         tok,
         questions,
@@ -138,7 +123,7 @@ def test_static_cache_keeps_the_batch_and_stores_only_live_positions(tok):
             return out
 
     steered = RowBias(tiny_model(tok).eval(), lambda step: torch.zeros(len(tok)))
-    r, _, _ = _run(steered, tok, ["x", "y", "z"], max_new_tokens=8, cache_implementation="static")
+    r, _, _ = generate_rollout(steered, tok, ["x", "y", "z"], max_new_tokens=8, cache_implementation="static")
     assert r.lengths() == [2, 5, 8]
     assert steered.batch_sizes == [3] * 8  # prefill + 7 decode steps, fixed shapes
     assert not r.completion_mask[0, 2:].any() and (r.ids[0, 2:] == tok.pad_token_id).all()
@@ -151,8 +136,8 @@ def test_static_loop_checks_for_the_end_every_few_steps_and_trims_the_tail(tok):
     a = tok.encode("a", add_special_tokens=False)[0]
     script = lambda s: {a: 0.0} if s < 2 else {EOS: 0.0}  # noqa: E731
     eager_model, static_model = _scripted(tok, script), _scripted(tok, script)
-    eager, _, _ = _run(eager_model, tok, ["x", "yy"], max_new_tokens=30)
-    static, _, _ = _run(static_model, tok, ["x", "yy"], max_new_tokens=30, cache_implementation="static")
+    eager, _, _ = generate_rollout(eager_model, tok, ["x", "yy"], max_new_tokens=30)
+    static, _, _ = generate_rollout(static_model, tok, ["x", "yy"], max_new_tokens=30, cache_implementation="static")
     assert eager.lengths() == [3, 3] and eager.ids.size(1) == 3
     _assert_same(eager, static)
     assert len(eager_model.batch_sizes) == 1 + 2  # prefill + decode steps 1-2
@@ -172,11 +157,11 @@ def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok):
     model = tiny_model(tok).eval()
     questions = ["1+1?", "what is two plus two?", "x"]
     kwargs = {"cache_implementation": "static", "temperature": 0.9, "max_new_tokens": 24, "max_thinking_tokens": 10}
-    ref, input_ids, mask = _run(model, tok, questions, **kwargs)
-    fast, _, _ = _run(model, tok, questions, compile=True, **kwargs)
+    ref, input_ids, mask = generate_rollout(model, tok, questions, **kwargs)
+    fast, _, _ = generate_rollout(model, tok, questions, compile=True, **kwargs)
     _assert_same(ref, fast)
     compiled = compiled_decode_step(model)
-    again, _, _ = _run(model, tok, questions, compile=True, seed=1, **kwargs)  # reuses the compiled step
+    again, _, _ = generate_rollout(model, tok, questions, compile=True, seed=1, **kwargs)  # reuses the compiled step
     assert compiled_decode_step(model) is compiled
     lp = recompute(model, input_ids, mask, again, temperature=0.9)
     assert (lp - again.logprobs).abs().max().item() < 1e-5
@@ -186,7 +171,7 @@ def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok):
     with torch.no_grad():
         other.lm_head.weight.mul_(-1.0)
     assert compiled_decode_step(other) is not compiled
-    flipped, _, _ = _run(other, tok, questions, compile=True, **kwargs)
+    flipped, _, _ = generate_rollout(other, tok, questions, compile=True, **kwargs)
     assert (recompute(other, input_ids, mask, flipped, temperature=0.9) - flipped.logprobs).abs().max().item() < 1e-5
 
 
@@ -199,5 +184,5 @@ def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok):
 )
 def test_bad_decode_options_fail_in_one_line(tok, kwargs, match):
     with pytest.raises(ValueError, match=match) as err:
-        _run(tiny_model(tok).eval(), tok, ["x"], **kwargs)
+        generate_rollout(tiny_model(tok).eval(), tok, ["x"], **kwargs)
     assert "\n" not in str(err.value)

@@ -1,8 +1,7 @@
 import pytest
 import torch
-from conftest import Steered, chat_batch, recompute
+from conftest import Steered, generate_rollout, recompute
 
-from multiplex_trl.rollout import multiplex_generate
 from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
 
@@ -11,20 +10,6 @@ EOS, PAD = 1, 0
 
 def _ids(tok, text):
     return tok.encode(text, add_special_tokens=False)
-
-
-def _generate(model, tok, questions, **kwargs):
-    input_ids, mask = chat_batch(tok, questions)
-    defaults = {
-        "width": 3,
-        "max_new_tokens": 30,
-        "thinking_end_ids": _ids(tok, "</think>"),
-        "eos_token_ids": [tok.eos_token_id],
-        "pad_token_id": tok.pad_token_id,
-        "generator": torch.Generator().manual_seed(0),
-    }
-    defaults.update(kwargs)
-    return multiplex_generate(model, input_ids, mask, **defaults), input_ids, mask
 
 
 def _force(vocab, schedule):
@@ -51,7 +36,7 @@ def test_stop_rule_single_token_marker(tok, model):
     # steps 0-2: two-way distribution (branching); step 3: marker; steps 4-5: answer 'b'; step 6: EOS
     sched = {0: {a: 0.0, b: 0.0}, 1: {a: 0.0, b: 0.0}, 2: {a: 0.0, b: 0.0}, 3: marker, 4: b, 5: b, 6: EOS}
     steered = Steered(model, _force(len(tok), lambda s: sched.get(s, EOS)))
-    r, _, _ = _generate(steered, tok, ["hi"])
+    r, _, _ = generate_rollout(steered, tok, ["hi"])
     assert r.lengths() == [7]
     assert r.thinking_mask[0].tolist() == [True] * 3 + [False] * 4
     assert r.ids[0, 3].tolist() == [marker, PAD, PAD] and r.weights[0, 3].tolist() == [1.0, 0.0, 0.0]
@@ -67,7 +52,7 @@ def test_marker_in_a_later_slot_is_merged_not_a_stop(tok, model):
     marker, a = tok.convert_tokens_to_ids("</think>"), _ids(tok, "a")[0]
     # 50/50 between 'a' and the marker: over many rows some positions draw the marker only in slots 1-2
     steered = Steered(model, _force(len(tok), lambda s: {a: 0.0, marker: 0.0}))
-    r, _, _ = _generate(steered, tok, ["q"] * 64, max_new_tokens=6)
+    r, _, _ = generate_rollout(steered, tok, ["q"] * 64, max_new_tokens=6)
     first_slot0_marker = (r.ids[..., 0] == marker).float().argmax(-1)
     for row in range(64):
         end = int(first_slot0_marker[row]) if (r.ids[row, :, 0] == marker).any() else r.ids.size(1)
@@ -86,7 +71,7 @@ def test_multi_token_marker_matched_on_slot0_stream():
     assert len(marker) == 8
     seq = _ids(tok, "xy") + marker + _ids(tok, "42") + [EOS]
     steered = Steered(model, _force(len(tok), lambda s: seq[s] if s < len(seq) else EOS))
-    r, _, _ = _generate(steered, tok, ["q"])
+    r, _, _ = generate_rollout(steered, tok, ["q"])
     n_think = 2 + len(marker) - 1  # thinking ends with the marker's last token
     assert r.thinking_mask[0].tolist() == [True] * n_think + [False] * (len(seq) - n_think)
     assert r.ids[0, n_think].tolist() == [marker[-1], PAD, PAD]
@@ -96,7 +81,7 @@ def test_multi_token_marker_matched_on_slot0_stream():
 def test_eos_in_slot0_while_thinking_ends_the_completion(tok, model):
     a = _ids(tok, "a")[0]
     steered = Steered(model, _force(len(tok), lambda s: a if s < 2 else EOS))
-    r, _, _ = _generate(steered, tok, ["q"])
+    r, _, _ = generate_rollout(steered, tok, ["q"])
     assert r.lengths() == [3]
     assert r.ids[0, 2].tolist() == [EOS, PAD, PAD] and not r.thinking_mask[0, 2]
     assert not r.closed[0]
@@ -107,7 +92,7 @@ def test_thinking_budget_forces_the_marker(tok, model):
     model2 = tiny_model(tok2).eval()
     a = _ids(tok2, "a")[0]
     steered = Steered(model2, _force(len(tok2), lambda s: a))  # never closes, never ends
-    r, _, _ = _generate(steered, tok2, ["q", "longer question"], max_thinking_tokens=4, max_new_tokens=20)
+    r, _, _ = generate_rollout(steered, tok2, ["q", "longer question"], max_thinking_tokens=4, max_new_tokens=20)
     marker = _ids(tok2, "</think>")
     for row in range(2):
         assert r.thinking_mask[row].sum() == 4
@@ -135,7 +120,7 @@ def test_finished_rows_are_padded_and_stop_costing_compute(tok, model):
             return out
 
     steered = RowBias(model, lambda step: torch.zeros(len(tok)))
-    r, _, _ = _generate(steered, tok, ["x", "y", "z"], max_new_tokens=8)
+    r, _, _ = generate_rollout(steered, tok, ["x", "y", "z"], max_new_tokens=8)
     assert r.lengths() == [2, 5, 8]
     assert steered.batch_sizes == [3, 3, 2, 2, 2, 1, 1, 1]  # prefill + 7 decode steps, shrinking
     assert (r.ids[0, 2:] == PAD).all() and (r.weights[0, 2:] == 0).all() and not r.completion_mask[0, 2:].any()
@@ -145,7 +130,7 @@ def test_finished_rows_are_padded_and_stop_costing_compute(tok, model):
 @pytest.mark.parametrize("width,merge", [(3, "weighted"), (2, "averaged"), (1, "weighted")])
 def test_rollout_logprobs_match_recompute(tok, model, width, merge):
     """Left padding, mixed finished/unfinished rows, thinking and answer positions, forced budget."""
-    r, input_ids, mask = _generate(
+    r, input_ids, mask = generate_rollout(
         model,
         tok,
         ["1+1?", "what is two plus two?", "x", "a longer prompt here"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -114,11 +113,13 @@ def multiplex_generate(
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     decode, cache, alive = model, None, None
     if static:  # one cache of a bucketed length for the whole rollout; the mask spans it at every step
-        cache, cache_len = _static_cache(model, prompt_len + max_new_tokens)
+        if compile:  # the compiled step decodes into a cache it keeps (fixed addresses for CUDA graphs)
+            decode = compiled_decode_step(model)
+            cache, cache_len = decode.static_cache(model, batch, prompt_len + max_new_tokens)
+        else:
+            cache, cache_len = _static_cache(model, prompt_len + max_new_tokens)
         mask = torch.cat([mask, mask.new_zeros(batch, cache_len - mask.size(1))], dim=-1)
         alive = torch.ones(batch, dtype=torch.bool, device=device)
-        if compile:
-            decode = compiled_decode_step(model)
     out = model(
         input_ids=input_ids,
         attention_mask=mask if static else attention_mask,
@@ -238,33 +239,64 @@ def check_decode_options(cache_implementation: str | None, compile: bool) -> Non
         )
 
 
-def _static_cache(model, length: int):
-    """A StaticCache for at least `length` positions, rounded up to the bucket (within the model's positions)."""
-    from transformers import StaticCache
-
+def static_cache_length(model, length: int) -> int:
+    """`length` positions rounded up to the cache bucket (within the model's positions)."""
     bucket = -(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit is not None:
-        bucket = max(length, min(bucket, limit))
+    return bucket if limit is None else max(length, min(bucket, limit))
+
+
+def _static_cache(model, length: int):
+    """A StaticCache for at least `length` positions (bucketed), and its length."""
+    from transformers import StaticCache
+
+    bucket = static_cache_length(model, length)
     return StaticCache(config=model.config, max_cache_len=bucket), bucket
 
 
-def compiled_decode_step(model):
-    """`model.__call__` compiled once per model for the one-token decode step (CUDA graphs on a GPU).
+class CompiledDecode:
+    """A model's decode step compiled by `torch.compile` (CUDA graphs on a GPU), and the static KV cache it decodes
+    into.
 
-    Shapes are static (batch, a bucketed cache length), so a training run compiles once per cache bucket. The compiled
-    step is kept on the model with a weak reference to its owner: a deep copy of the model compiles its own.
+    Shapes are static (batch, a bucketed cache length), so a training run compiles once per cache bucket. The cache
+    is kept between rollouts of the same shape and reset in place: a CUDA graph replays on the addresses it was
+    recorded with, so a new cache every rollout would record the graph again every rollout (and torch keeps every
+    recording, checking them all at each step). The price is the cache's memory, held between rollouts.
+    A deep copy of the model (another policy) carries neither: it compiles its own.
     """
-    owner, compiled = model.__dict__.get("_multiplex_compiled_decode", (None, None))
-    if owner is not None and owner() is model:
-        return compiled
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    step = torch.compile(model.__call__, fullgraph=False, dynamic=False, mode="reduce-overhead" if on_gpu else None)
 
-    def compiled(**kwargs):
-        if on_gpu:  # each call starts a new CUDA-graph step; outputs of the previous one are already consumed
+    def __init__(self, model):
+        self.on_gpu = next(model.parameters()).device.type == "cuda"
+        mode = "reduce-overhead" if self.on_gpu else None
+        self.step = torch.compile(model.__call__, fullgraph=False, dynamic=False, mode=mode)
+        self.cache, self.cache_key = None, None
+
+    def __call__(self, **kwargs):
+        if self.on_gpu:  # each call starts a new CUDA-graph step; outputs of the previous one are already consumed
             torch.compiler.cudagraph_mark_step_begin()
-        return step(**kwargs)
+        return self.step(**kwargs)
 
-    model.__dict__["_multiplex_compiled_decode"] = (weakref.ref(model), compiled)
+    def static_cache(self, model, batch: int, length: int):
+        """The kept cache, emptied, when `batch` rows of `length` positions fit its shape; else a new one."""
+        param = next(model.parameters())
+        device_type = param.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        key = (batch, static_cache_length(model, length), param.device, param.dtype, autocast)
+        if key == self.cache_key:
+            self.cache.reset()
+        else:
+            self.cache = self.cache_key = None  # free the old cache before allocating the next
+            self.cache, _ = _static_cache(model, length)
+            self.cache_key = key
+        return self.cache, key[1]
+
+    def __deepcopy__(self, memo):
+        return None  # a copied model compiles its own step, bound to its own weights
+
+
+def compiled_decode_step(model) -> CompiledDecode:
+    """The model's `CompiledDecode`, made on first use (and again for a copy of the model)."""
+    compiled = model.__dict__.get("_multiplex_compiled_decode")
+    if compiled is None:
+        compiled = model.__dict__["_multiplex_compiled_decode"] = CompiledDecode(model)
     return compiled

@@ -9,8 +9,8 @@ from conftest import Steered, generate_rollout, recompute
 from multiplex_trl.rollout import (
     STATIC_CACHE_BUCKET,
     STATIC_STOP_CHECK_EVERY,
-    _static_cache,
     compiled_decode_step,
+    static_cache_length,
 )
 from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
@@ -146,10 +146,10 @@ def test_static_loop_checks_for_the_end_every_few_steps_and_trims_the_tail(tok):
 
 def test_static_cache_length_is_bucketed_within_the_models_positions(tok):
     model = tiny_model(tok)  # max_position_embeddings 1024
-    assert _static_cache(model, 10)[1] == STATIC_CACHE_BUCKET
-    assert _static_cache(model, STATIC_CACHE_BUCKET + 1)[1] == 2 * STATIC_CACHE_BUCKET
-    assert _static_cache(model, 1000)[1] == 1024  # capped at the model's positions
-    assert _static_cache(model, 1030)[1] == 1030  # never below what the rollout needs
+    assert static_cache_length(model, 10) == STATIC_CACHE_BUCKET
+    assert static_cache_length(model, STATIC_CACHE_BUCKET + 1) == 2 * STATIC_CACHE_BUCKET
+    assert static_cache_length(model, 1000) == 1024  # capped at the model's positions
+    assert static_cache_length(model, 1030) == 1030  # never below what the rollout needs
 
 
 def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok):
@@ -173,6 +173,31 @@ def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok):
     assert compiled_decode_step(other) is not compiled
     flipped, _, _ = generate_rollout(other, tok, questions, compile=True, **kwargs)
     assert (recompute(other, input_ids, mask, flipped, temperature=0.9) - flipped.logprobs).abs().max().item() < 1e-5
+
+
+def test_compiled_decode_keeps_one_cache_and_graph_across_rollouts(tok):
+    """Rollouts of one shape decode into the same cache tensors (CUDA graphs replay only on recorded addresses), reset
+    in place: a rollout after a longer one equals the same rollout on a fresh copy. No recompilation either."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(tok).eval()
+    fresh = copy.deepcopy(model)
+    kwargs = {"cache_implementation": "static", "compile": True, "temperature": 0.9, "max_thinking_tokens": 10}
+    generate_rollout(model, tok, ["a longer prompt here, to fill the cache", "y", "z"], max_new_tokens=60, **kwargs)
+    compiled = compiled_decode_step(model)
+    cache = compiled.cache
+    keys = [layer.keys.data_ptr() for layer in cache.layers]
+    graphs = counters["stats"]["unique_graphs"]
+    short_questions = ["1+1?", "what is two plus two?", "x"]
+    reused, _, _ = generate_rollout(model, tok, short_questions, max_new_tokens=24, **kwargs)
+    assert compiled.cache is cache and [layer.keys.data_ptr() for layer in cache.layers] == keys
+    assert counters["stats"]["unique_graphs"] == graphs, "the second rollout recompiled the decode step"
+    assert compiled_decode_step(fresh) is not compiled  # the copy made before compiling has no state
+    first, _, _ = generate_rollout(fresh, tok, short_questions, max_new_tokens=24, **kwargs)
+    _assert_same(reused, first)
+
+    generate_rollout(model, tok, ["x", "y"], max_new_tokens=24, **kwargs)  # another batch size: another cache
+    assert compiled.cache is not cache and compiled.cache.layers[0].keys.size(0) == 2
 
 
 @pytest.mark.parametrize(

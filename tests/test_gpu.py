@@ -74,6 +74,36 @@ def test_static_cache_and_cuda_graph_decode_store_exact_logprobs(tok, compile):
         assert compiled_decode_step(model) is step and again.completion_mask.any()
 
 
+def _cuda_graphs_recorded() -> int:
+    """How many CUDA graphs torch's cudagraph trees hold on this device (recordings, not replays)."""
+    from torch._inductor.cudagraph_trees import get_manager
+
+    manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+
+    def count(nodes):
+        return sum(1 + count([c for children in n.children.values() for c in children]) for n in nodes)
+
+    return 0 if manager is None else count(list(manager.get_roots()))
+
+
+def test_cuda_graph_decode_replays_across_rollouts_without_recording_again(tok):
+    """The compiled step keeps its KV cache, so later rollouts of the same shape replay the recorded graphs (a new
+    cache each rollout would record them again every time) and nothing falls back to eager."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(tok).cuda().eval()
+    kwargs = {"top_k": 40, "cache_implementation": "static", "compile": True}
+    _rollout(model, tok, **kwargs)
+    _rollout(model, tok, **kwargs)  # warm-up and recording are done by now
+    recorded = _cuda_graphs_recorded()
+    assert recorded > 0
+    for _ in range(3):
+        r, input_ids, mask = _rollout(model, tok, **kwargs)
+    assert _cuda_graphs_recorded() == recorded
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert (recompute(model, input_ids, mask, r, temperature=1.0) - r.logprobs).abs().max().item() < 1e-4
+
+
 def test_training_step_with_cuda_graph_decode(tmp_path, tok):
     from test_trainer import _args, _trainer
 

@@ -239,19 +239,56 @@ def check_decode_options(cache_implementation: str | None, compile: bool) -> Non
         )
 
 
+def sliding_window(config) -> int | None:
+    """The shortest sliding (or chunked) attention window among the model's layers; None if every layer sees all."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    _, per_layer = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    windows = [kw["sliding_window"] for kw in per_layer if kw.get("sliding_window") is not None]
+    return min(windows, default=None)
+
+
 def static_cache_length(model, length: int) -> int:
-    """`length` positions rounded up to the cache bucket (within the model's positions)."""
+    """`length` positions rounded up to the cache bucket, within the model's positions and its shortest sliding window
+    (a cache that fits in the window never slides)."""
     bucket = -(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    limits = [getattr(model.config.get_text_config(), "max_position_embeddings", None), sliding_window(model.config)]
+    limit = min((x for x in limits if x is not None), default=None)
     return bucket if limit is None else max(length, min(bucket, limit))
 
 
 def _static_cache(model, length: int):
-    """A StaticCache for at least `length` positions (bucketed), and its length."""
+    """A StaticCache for at least `length` positions (bucketed), and its length.
+
+    A sliding-window layer whose window spans the whole cache never slides, so it becomes a plain static layer: same
+    keys, values and mask, without the Python position counter that would change a compiled step at every position.
+    """
     from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
     bucket = static_cache_length(model, length)
-    return StaticCache(config=model.config, max_cache_len=bucket), bucket
+    cache = StaticCache(config=model.config, max_cache_len=bucket)
+    cache.layers = [
+        StaticLayer(max_cache_len=bucket)
+        if type(layer) is StaticSlidingWindowLayer and layer.max_cache_len >= bucket
+        else layer
+        for layer in cache.layers
+    ]
+    return cache, bucket
+
+
+def check_compiled_window(model, length: int) -> None:
+    """One-line error when a compiled step would decode `length` positions into a cache that slides (it would
+    recompile at every position). Builds no tensors."""
+    cache, _ = _static_cache(model, length)
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        window = sliding_window(model.config)
+        raise ValueError(
+            f"multiplex_compile needs a KV cache that never slides, but the model's sliding window ({window}) is "
+            f"shorter than prompt + completion ({length} positions), so the compiled step would recompile at every "
+            f"position: set multiplex_compile=False (cache_implementation='static' alone handles sliding windows) "
+            f"or keep prompt + max_completion_length <= {window}."
+        )
 
 
 class CompiledDecode:
@@ -286,6 +323,7 @@ class CompiledDecode:
             self.cache.reset()
         else:
             self.cache = self.cache_key = None  # free the old cache before allocating the next
+            check_compiled_window(model, length)
             self.cache, _ = _static_cache(model, length)
             self.cache_key = key
         return self.cache, key[1]

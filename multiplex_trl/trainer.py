@@ -23,7 +23,7 @@ from trl.trainer.utils import pad
 from .config import MultiplexGRPOConfig
 from .logprobs import add_multiplex_head, multiplex_logprobs, unwrap_model
 from .mixers import mixer_from_config
-from .rollout import multiplex_generate
+from .rollout import check_compiled_window, multiplex_generate
 
 
 # TRL hooks this trainer overrides, with the parameters it relies on (tests/test_trl_hooks.py checks them).
@@ -173,6 +173,8 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                     "the model has no input embeddings (get_input_embeddings() returned nothing): multiplex rollouts "
                     "feed merged token embeddings, so use a causal LM with an embedding layer."
                 )
+            if args.multiplex_compile:  # before training: a window shorter than any completion would always slide
+                check_compiled_window(unwrap_model(self.model), args.max_completion_length)
             add_multiplex_head(unwrap_model(self.model))
             if self.ref_model is not None:
                 add_multiplex_head(unwrap_model(self.ref_model))

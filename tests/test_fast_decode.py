@@ -200,6 +200,59 @@ def test_compiled_decode_keeps_one_cache_and_graph_across_rollouts(tok):
     assert compiled.cache is not cache and compiled.cache.layers[0].keys.size(0) == 2
 
 
+def _mistral(tok, window):
+    """A tiny Mistral: every layer attends within a sliding window of `window` positions."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, sliding_window=window, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    model = MistralForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def test_compiled_decode_with_a_sliding_window_that_spans_the_cache(tok):
+    """A window at least as long as the rollout never slides: the cache is capped at the window and its layers are
+    plain static ones, so the compiled step is one graph for every position (a sliding layer's Python position
+    counter made it recompile at each step until torch gave up and ran it eagerly) and stays exact."""
+    from torch._dynamo.utils import counters
+
+    model = _mistral(tok, window=300)
+    assert static_cache_length(model, 40) == 256 and static_cache_length(model, 260) == 300
+    questions = ["1+1?", "what is two plus two?", "x"]
+    kwargs = {"cache_implementation": "static", "temperature": 0.9, "max_thinking_tokens": 10}
+    ref, input_ids, mask = generate_rollout(model, tok, questions, **kwargs)
+    graphs = counters["stats"]["unique_graphs"]
+    fast, _, _ = generate_rollout(model, tok, questions, compile=True, **kwargs)
+    generate_rollout(model, tok, ["a", "bb", "ccc"], compile=True, **kwargs)
+    assert counters["stats"]["unique_graphs"] == graphs + 1, "the compiled step recompiled during the rollouts"
+    assert all(type(layer).__name__ == "StaticLayer" for layer in compiled_decode_step(model).cache.layers)
+    _assert_same(ref, fast)
+    assert (recompute(model, input_ids, mask, fast, temperature=0.9) - fast.logprobs).abs().max().item() < 1e-5
+
+
+def test_a_cache_that_slides_is_refused_compiled_and_exact_uncompiled(tmp_path, tok):
+    model = _mistral(tok, window=8)
+    kwargs = {"cache_implementation": "static", "max_thinking_tokens": 10}
+    with pytest.raises(ValueError, match=r"sliding window \(8\).*set multiplex_compile=False") as err:
+        generate_rollout(model, tok, ["x"], compile=True, **kwargs)
+    assert "\n" not in str(err.value)
+    r, input_ids, mask = generate_rollout(model, tok, ["1+1?", "what is two plus two?"], **kwargs)
+    assert r.completion_mask.sum(-1).max().item() + input_ids.size(1) > 8  # the window really slid
+    assert (recompute(model, input_ids, mask, r) - r.logprobs).abs().max().item() < 1e-5
+
+    from test_trainer import _args, _trainer  # a trainer refuses it before training
+
+    args = _args(tmp_path, cache_implementation="static", multiplex_compile=True, max_completion_length=20)
+    with pytest.raises(ValueError, match="multiplex_compile needs a KV cache that never slides"):
+        _trainer(tok, model, args)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

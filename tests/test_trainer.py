@@ -4,7 +4,7 @@ import inspect
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 import multiplex_trl.trainer as trainer_module
@@ -275,6 +275,7 @@ def test_static_cache_and_compiled_decode_train(tmp_path, tok, monkeypatch, lora
     """cache_implementation='static' + multiplex_compile reach the rollout; its log-probs are exact before and after
     optimizer steps (the compiled step reads the updated weights, LoRA adapters included); the run trains."""
     from conftest import chat_batch, recompute
+    from torch._dynamo.utils import counters
 
     import multiplex_trl.rollout as rollout_module
 
@@ -286,7 +287,7 @@ def test_static_cache_and_compiled_decode_train(tmp_path, tok, monkeypatch, lora
         from peft import LoraConfig
 
         kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    args = _args(tmp_path, cache_implementation="static", multiplex_compile=True, max_steps=2)
+    args = _args(tmp_path, cache_implementation="static", multiplex_compile=True, max_steps=3)
     tr = _trainer(tok, tiny_model(tok), args, **kwargs)
     model = tr.accelerator.unwrap_model(tr.model)  # what the trainer generates with (the PeftModel with LoRA)
     before = _params(model)
@@ -296,10 +297,19 @@ def test_static_cache_and_compiled_decode_train(tmp_path, tok, monkeypatch, lora
         rollout = tr._multiplex_generate(model.eval(), input_ids, mask)
         assert (recompute(model, input_ids, mask, rollout) - rollout.logprobs).abs().max().item() < 1e-5
 
+    class CountGraphs(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            graphs.append(counters["stats"]["unique_graphs"])
+
+    graphs = []
+    tr.add_callback(CountGraphs())
     exact_rollout()
     assert compiled_for == [model]
     tr.train()
     assert len(compiled_for) > 1 and all(m is model for m in compiled_for)
     assert "multiplex/branch_rate" in tr.state.log_history[0]
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
-    exact_rollout()  # after two optimizer steps, with the step compiled before them
+    # train() turns gradient checkpointing on (one recompile, in the first step); after that the optimizer steps and
+    # LoRA adapters never make the decode step compile again
+    assert len(graphs) == 3 and graphs[0] == graphs[-1], graphs
+    exact_rollout()  # after the optimizer steps, with the step compiled before them

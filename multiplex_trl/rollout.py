@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer, get_layer_types_and_kwargs
 
 from .mixers import Mixer, get_mixer
 from .sampling import merge_embeddings, prepare_logits
@@ -241,11 +243,22 @@ def check_decode_options(cache_implementation: str | None, compile: bool) -> Non
 
 def sliding_window(config) -> int | None:
     """The shortest sliding (or chunked) attention window among the model's layers; None if every layer sees all."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
     _, per_layer = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     windows = [kw["sliding_window"] for kw in per_layer if kw.get("sliding_window") is not None]
     return min(windows, default=None)
+
+
+class OneDtypeStaticCache(StaticCache):
+    """A StaticCache that stores keys and values in one dtype, the wider of the two.
+
+    Under autocast (bf16 mixed precision with float32 weights, where accelerate runs the forward under autocast) RoPE
+    leaves the keys in float32 while the values come out of a bf16 projection, and a static layer holds both in the
+    keys' dtype (transformers' own StaticCache then fails in index_copy_). Widening the values is exact.
+    """
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        dtype = torch.promote_types(key_states.dtype, value_states.dtype)
+        return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
 
 
 def static_cache_length(model, length: int) -> int:
@@ -263,11 +276,8 @@ def _static_cache(model, length: int):
     A sliding-window layer whose window spans the whole cache never slides, so it becomes a plain static layer: same
     keys, values and mask, without the Python position counter that would change a compiled step at every position.
     """
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
-
     bucket = static_cache_length(model, length)
-    cache = StaticCache(config=model.config, max_cache_len=bucket)
+    cache = OneDtypeStaticCache(config=model.config, max_cache_len=bucket)
     cache.layers = [
         StaticLayer(max_cache_len=bucket)
         if type(layer) is StaticSlidingWindowLayer and layer.max_cache_len >= bucket

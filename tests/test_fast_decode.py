@@ -106,6 +106,32 @@ def test_static_cache_rollout_logprobs_match_recompute(tok, attn):
     assert r.thinking_mask.any() and (~r.thinking_mask & r.completion_mask).any()
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["static", "compiled"])
+def test_static_cache_under_bf16_autocast_with_float32_weights(tok, compile):
+    """Mixed precision (float32 weights, the forward under bf16 autocast, as accelerate runs it with bf16=True):
+    RoPE leaves keys in float32 while values are bf16. The static cache stores both widened to float32 (exact), so it
+    decodes what the eager loop decodes; transformers' StaticCache failed here in index_copy_."""
+    model = tiny_model(tok).eval()
+    questions = ["1+1?", "what is two plus two?", "x"]
+    kwargs = {"temperature": 0.9, "max_new_tokens": 24, "max_thinking_tokens": 10}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, input_ids, mask = generate_rollout(model, tok, questions, **kwargs)
+        static, _, _ = generate_rollout(
+            model, tok, questions, cache_implementation="static", compile=compile, **kwargs
+        )
+        lp = recompute(model, input_ids, mask, static, temperature=0.9)
+    cache = compiled_decode_step(model).cache if compile else None
+    if compile:  # inductor fuses bf16 ops differently: same program, other rounding, so other samples
+        assert {layer.values.dtype for layer in cache.layers} == {torch.float32}
+        assert static.completion_mask.any()
+    else:
+        first_end = min(eager.lengths())
+        assert torch.equal(eager.ids[:, :first_end], static.ids[:, :first_end])
+        assert (eager.logprobs - static.logprobs)[:, :first_end].abs().max().item() < 1e-5
+    diff = (lp - static.logprobs)[static.completion_mask].abs()
+    assert diff.mean().item() < 0.05, diff.mean().item()  # bf16 rounding of the teacher-forced pass, no more
+
+
 def test_static_cache_keeps_the_batch_and_stores_only_live_positions(tok):
     a = tok.encode("a", add_special_tokens=False)[0]
 

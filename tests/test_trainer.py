@@ -270,6 +270,15 @@ def test_overridden_trl_hooks_keep_their_signatures():
     ]
 
 
+def test_static_cache_trains_in_bf16_mixed_precision(tmp_path, tok):
+    """bf16=True with float32 weights: accelerate runs the forward under autocast, generation included; the static
+    cache decodes there (it failed on its first rollout before keys and values were stored in one dtype)."""
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path, bf16=True, cache_implementation="static", max_steps=2))
+    tr.train()
+    logs = tr.state.log_history[0]
+    assert torch.isfinite(torch.tensor(logs["loss"])) and logs["multiplex/thinking_length"] > 0
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_static_cache_and_compiled_decode_train(tmp_path, tok, monkeypatch, lora):
     """cache_implementation='static' + multiplex_compile reach the rollout; its log-probs are exact before and after

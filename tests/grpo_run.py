@@ -82,6 +82,27 @@ def trained_weights_digest(trainer) -> dict[str, list[float]]:
         return weights_digest(named)
 
 
+def rollout_gap(trainer) -> float | None:
+    """Static-cache runs: max |stored - teacher-forced| log-prob of one rollout with this rank's trained weights (a
+    decode step that kept stale weights, e.g. a compiled one, shows here); None otherwise."""
+    if trainer.args.cache_implementation != "static":
+        return None
+    import torch
+
+    from multiplex_trl.logprobs import multiplex_logprobs
+
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    tok = trainer.processing_class
+    batch = tok(["1+1=?", "what is 2+2?"], padding=True, return_tensors="pt").to(trainer.accelerator.device)
+    with torch.no_grad():
+        r = trainer._multiplex_generate(model, batch.input_ids, batch.attention_mask)
+        recomputed = multiplex_logprobs(
+            model, batch.input_ids, batch.attention_mask, r.ids, r.weights, r.completion_mask,
+            temperature=trainer.temperature, thinking_mask=r.thinking_mask,
+        )  # fmt: skip
+    return (recomputed - r.logprobs).abs().max().item()
+
+
 def _main(argv: list[str]) -> int:
     from multiplex_trl import grpo, hub
 
@@ -93,7 +114,12 @@ def _main(argv: list[str]) -> int:
         out = os.environ["GRPO_RUN_DIGESTS"]
         os.makedirs(out, exist_ok=True)
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        record = {"world_size": trainer.accelerator.num_processes, "losses": losses, "weights": weights}
+        record = {
+            "world_size": trainer.accelerator.num_processes,
+            "losses": losses,
+            "weights": weights,
+            "rollout_gap": rollout_gap(trainer),
+        }
         with open(os.path.join(out, f"rank{trainer.accelerator.process_index}.json"), "w") as f:
             json.dump(record, f)
         return finish_training(trainer, **kwargs)

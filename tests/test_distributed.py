@@ -1,4 +1,5 @@
-"""Real `accelerate launch` runs of the training script with 2 CPU processes (gloo): DDP, ZeRO-2, ZeRO-3, ZeRO-3 + LoRA.
+"""Real `accelerate launch` runs of the training script with 2 CPU processes (gloo): DDP, ZeRO-2, ZeRO-3, ZeRO-3 + LoRA,
+ZeRO-2 with the compiled static-cache decode step.
 
 Each run trains the tiny model for 2 steps with the repo's own accelerate config (GPU settings overridden for CPU),
 then checks that both ranks hold the same trained weights and that the saved model and checkpoint reload to them.
@@ -33,6 +34,8 @@ RUNS = {  # name: (accelerate config, extra flags)
     "zero2": ("zero2.yaml", []),
     "zero3": ("zero3.yaml", []),
     "zero3-lora": ("zero3.yaml", LORA),
+    # the fast decode path: static cache + compiled step, exact with the trained weights on both ranks
+    "zero2-compiled": ("zero2.yaml", ["--cache_implementation", "static", "--multiplex_compile", "true"]),
 }
 
 
@@ -90,6 +93,11 @@ def test_two_processes_train_the_same_model(run, tmp_path, tiny_model_dir):
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert rank0["losses"] == rank1["losses"] and len(rank0["losses"]) == 2
     assert rank0["weights"] == rank1["weights"], "the ranks hold different weights"
+    if "--multiplex_compile" in flags:
+        assert rank0["rollout_gap"] < 1e-5 and rank1["rollout_gap"] < 1e-5, (
+            rank0["rollout_gap"],
+            rank1["rollout_gap"],
+        )
     assert (out / "multiplex_config.json").is_file() and (out / "checkpoint-2" / "multiplex_config.json").is_file()
 
     if "--use_peft" in flags:

@@ -305,18 +305,19 @@ class CompiledDecode:
     """A model's decode step compiled by `torch.compile` (CUDA graphs on a GPU), and the static KV cache it decodes
     into.
 
-    Shapes are static (batch, a bucketed cache length), so a training run compiles once per cache bucket. The cache
-    is kept between rollouts of the same shape and reset in place: a CUDA graph replays on the addresses it was
-    recorded with, so a new cache every rollout would record the graph again every rollout (and torch keeps every
-    recording, checking them all at each step). The price is the cache's memory, held between rollouts.
-    A deep copy of the model (another policy) carries neither: it compiles its own.
+    The cache is kept between rollouts and reset in place: a CUDA graph replays on the addresses it was recorded with,
+    so a new cache every rollout would record the graphs again every rollout (and torch keeps every recording,
+    checking them all at each step). It only grows: a rollout that needs fewer positions than the kept cache decodes
+    into it (the extra positions are masked), so prompts of varying lengths neither recompile nor re-record; a longer
+    one replaces it, and so does another batch size. The price is the cache's memory, held between rollouts.
+    A deep copy of the model (another policy) carries neither step nor cache: it compiles its own.
     """
 
     def __init__(self, model):
         self.on_gpu = next(model.parameters()).device.type == "cuda"
         mode = "reduce-overhead" if self.on_gpu else None
         self.step = torch.compile(model.__call__, fullgraph=False, dynamic=False, mode=mode)
-        self.cache, self.cache_key = None, None
+        self.cache, self.cache_key, self.cache_len = None, None, 0
 
     def __call__(self, **kwargs):
         if self.on_gpu:  # each call starts a new CUDA-graph step; outputs of the previous one are already consumed
@@ -324,19 +325,21 @@ class CompiledDecode:
         return self.step(**kwargs)
 
     def static_cache(self, model, batch: int, length: int):
-        """The kept cache, emptied, when `batch` rows of `length` positions fit its shape; else a new one."""
+        """The kept cache, emptied, when it holds `batch` rows of `length` positions; else a new one, at least as
+        long as the one it replaces. Returns (cache, its length)."""
         param = next(model.parameters())
         device_type = param.device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        key = (batch, static_cache_length(model, length), param.device, param.dtype, autocast)
-        if key == self.cache_key:
+        key = (batch, param.device, param.dtype, autocast)
+        if key == self.cache_key and length <= self.cache_len:
             self.cache.reset()
-        else:
-            self.cache = self.cache_key = None  # free the old cache before allocating the next
-            check_compiled_window(model, length)
-            self.cache, _ = _static_cache(model, length)
-            self.cache_key = key
-        return self.cache, key[1]
+            return self.cache, self.cache_len
+        check_compiled_window(model, length)
+        length = max(length, self.cache_len) if key == self.cache_key else length
+        self.cache = self.cache_key = None  # free the old cache before allocating the next
+        self.cache, self.cache_len = _static_cache(model, length)
+        self.cache_key = key
+        return self.cache, self.cache_len
 
     def __deepcopy__(self, memo):
         return None  # a copied model compiles its own step, bound to its own weights

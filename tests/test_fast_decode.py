@@ -202,28 +202,34 @@ def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok):
 
 
 def test_compiled_decode_keeps_one_cache_and_graph_across_rollouts(tok):
-    """Rollouts of one shape decode into the same cache tensors (CUDA graphs replay only on recorded addresses), reset
-    in place: a rollout after a longer one equals the same rollout on a fresh copy. No recompilation either."""
+    """Rollouts decode into the same cache tensors (CUDA graphs replay only on recorded addresses), reset in place;
+    a shorter rollout reuses a longer cache (masked) instead of switching shapes, and equals the same rollout on a
+    fresh copy with a cache of its own length. Only a longer rollout or another batch size makes a new cache."""
     from torch._dynamo.utils import counters
 
     model = tiny_model(tok).eval()
     fresh = copy.deepcopy(model)
     kwargs = {"cache_implementation": "static", "compile": True, "temperature": 0.9, "max_thinking_tokens": 10}
-    generate_rollout(model, tok, ["a longer prompt here, to fill the cache", "y", "z"], max_new_tokens=60, **kwargs)
+    long_questions = ["a longer prompt here, to fill the cache", "y", "z"]
+    generate_rollout(model, tok, long_questions, max_new_tokens=STATIC_CACHE_BUCKET, **kwargs)
     compiled = compiled_decode_step(model)
     cache = compiled.cache
+    assert compiled.cache_len == 2 * STATIC_CACHE_BUCKET
     keys = [layer.keys.data_ptr() for layer in cache.layers]
     graphs = counters["stats"]["unique_graphs"]
     short_questions = ["1+1?", "what is two plus two?", "x"]
     reused, _, _ = generate_rollout(model, tok, short_questions, max_new_tokens=24, **kwargs)
     assert compiled.cache is cache and [layer.keys.data_ptr() for layer in cache.layers] == keys
-    assert counters["stats"]["unique_graphs"] == graphs, "the second rollout recompiled the decode step"
+    assert counters["stats"]["unique_graphs"] == graphs, "the shorter rollout recompiled the decode step"
     assert compiled_decode_step(fresh) is not compiled  # the copy made before compiling has no state
     first, _, _ = generate_rollout(fresh, tok, short_questions, max_new_tokens=24, **kwargs)
+    assert compiled_decode_step(fresh).cache_len == STATIC_CACHE_BUCKET
     _assert_same(reused, first)
 
+    generate_rollout(model, tok, long_questions, max_new_tokens=2 * STATIC_CACHE_BUCKET, **kwargs)  # grows
+    assert compiled.cache is not cache and compiled.cache_len == 3 * STATIC_CACHE_BUCKET
     generate_rollout(model, tok, ["x", "y"], max_new_tokens=24, **kwargs)  # another batch size: another cache
-    assert compiled.cache is not cache and compiled.cache.layers[0].keys.size(0) == 2
+    assert compiled.cache.layers[0].keys.size(0) == 2 and compiled.cache_len == STATIC_CACHE_BUCKET
 
 
 def _mistral(tok, window):

@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             for width in dict.fromkeys(args.width or [None])
         ]
         check_mixer_params(given, [d.mixer for d in decodings])
-        check_engine(args.cache_implementation, args.compile)
+        check_engine(args.cache_implementation, args.compile, path, max(d.max_new_tokens for d in decodings))
         methods = {d.name: d for d in decodings}
         problems = {name: _load_quietly(name, args) for name in args.dataset}
         output = Path(args.output or os.path.join("eval", Path(path.rstrip("/")).name))

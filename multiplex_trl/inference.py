@@ -22,14 +22,14 @@ import typing
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .config import MultiplexGRPOConfig
 from .hub import hub_offline, load_multiplex_settings
 from .mixers import MIXERS, Mixer, get_mixer
 from .mixers.base import constructor_defaults
 from .models import DEMO_MODEL_ALIASES, resolve_model_name_or_path
-from .rollout import check_decode_options, multiplex_generate
+from .rollout import check_decode_options, multiplex_generate, sliding_window
 from .trainer import thinking_end_ids
 
 
@@ -414,12 +414,29 @@ def generate(
     )
 
 
-def check_engine(cache_implementation: str | None, compile: bool) -> None:
-    """The decode-loop options, checked before any model loads (UsageError: the CLIs print it in one line)."""
+def check_engine(
+    cache_implementation: str | None, compile: bool, path: str | None = None, max_new_tokens: int = 0
+) -> None:
+    """The decode-loop options, checked before any model loads (UsageError: the CLIs print it in one line).
+
+    With `path`, --compile is also checked against the model's config: a sliding window shorter than the completions
+    would make the compiled step's cache slide (the rollout refuses it; prompts only make it longer).
+    """
     try:
         check_decode_options(cache_implementation, compile)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if compile and path is not None:
+        try:
+            window = sliding_window(AutoConfig.from_pretrained(path))
+        except (OSError, ValueError):  # no readable config here: loading the model reports it, the rollout checks
+            return
+        if window is not None and max_new_tokens >= window:
+            raise UsageError(
+                f"--compile needs a KV cache that never slides, but the model's sliding window ({window}) is not "
+                f"longer than --max-new-tokens ({max_new_tokens}): drop --compile (--cache-implementation static "
+                "alone handles sliding windows) or lower --max-new-tokens."
+            )
 
 
 def decode_prompts(
@@ -615,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             load_multiplex_settings(path), given, mixer=args.mixer, width=args.width, **decoding_arguments(args)
         )
         check_mixer_params(given, [decoding.mixer])
-        check_engine(args.cache_implementation, args.compile)
+        check_engine(args.cache_implementation, args.compile, path, decoding.max_new_tokens)
     except UsageError as error:
         print(f"multiplex-trl generate: error: {error}", file=sys.stderr)
         return 2

@@ -183,6 +183,18 @@ def test_generate_cli(tiny_model_dir, capsys, monkeypatch):
         assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_generate_cli_refuses_compile_when_the_window_is_shorter_than_the_completion(tmp_path, capsys, monkeypatch):
+    """Read from the config alone (no weights here, and the model is never loaded)."""
+    from transformers import MistralConfig
+
+    MistralConfig(num_hidden_layers=1, sliding_window=8).save_pretrained(tmp_path)
+    monkeypatch.setattr(inference, "load_model", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    fast = ["--cache-implementation", "static", "--compile"]
+    assert inference.main(["--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "16", *fast]) == 2
+    err = capsys.readouterr().err
+    assert "sliding window (8)" in err and "drop --compile" in err and len(err.strip().splitlines()) == 1
+
+
 # --- mixers ---------------------------------------------------------------------------------------------------------
 
 

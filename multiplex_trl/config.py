@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .mixers import MERGES, MIXERS, mixer_from_config
-from .rollout import check_decode_options
+from .static_decode import check_decode_options
 
 
 @dataclass

@@ -29,7 +29,8 @@ from .hub import hub_offline, load_multiplex_settings
 from .mixers import MIXERS, Mixer, get_mixer
 from .mixers.base import constructor_defaults
 from .models import DEMO_MODEL_ALIASES, resolve_model_name_or_path
-from .rollout import check_decode_options, multiplex_generate, sliding_window
+from .rollout import multiplex_generate
+from .static_decode import check_decode_options, sliding_window
 from .trainer import thinking_end_ids
 
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import StaticCache
-from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer, get_layer_types_and_kwargs
 
 from .mixers import Mixer, get_mixer
 from .sampling import merge_embeddings, prepare_logits
+from .static_decode import check_decode_options, compiled_decode_step, static_cache
 
 
-CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
-STATIC_CACHE_BUCKET = 256  # static caches are sized in multiples of this, so prompt lengths share compiled steps
 # The static loop asks the device "are all rows done?" only every this many steps, so the host can queue the next
 # steps while the device works (finished rows cost nothing extra there: they stay in the fixed-shape batch anyway).
 STATIC_STOP_CHECK_EVERY = 8
@@ -117,9 +114,9 @@ def multiplex_generate(
     if static:  # one cache of a bucketed length for the whole rollout; the mask spans it at every step
         if compile:  # the compiled step decodes into a cache it keeps (fixed addresses for CUDA graphs)
             decode = compiled_decode_step(model)
-            cache, cache_len = decode.static_cache(model, batch, prompt_len + max_new_tokens)
+            cache, cache_len = decode.cache_for(model, batch, prompt_len + max_new_tokens)
         else:
-            cache, cache_len = _static_cache(model, prompt_len + max_new_tokens)
+            cache, cache_len = static_cache(model, prompt_len + max_new_tokens)
         mask = torch.cat([mask, mask.new_zeros(batch, cache_len - mask.size(1))], dim=-1)
         alive = torch.ones(batch, dtype=torch.bool, device=device)
     out = model(
@@ -225,129 +222,3 @@ def multiplex_generate(
         logprobs=logprobs,
         closed=closed,
     )
-
-
-def check_decode_options(cache_implementation: str | None, compile: bool) -> None:
-    """One-line errors for the decode-loop options (raised before anything runs)."""
-    if cache_implementation not in CACHE_IMPLEMENTATIONS:
-        raise ValueError(
-            f"cache_implementation must be one of {list(CACHE_IMPLEMENTATIONS)} for the multiplex rollout, "
-            f"got {cache_implementation!r}."
-        )
-    if compile and cache_implementation != "static":
-        raise ValueError(
-            "A compiled decode step needs fixed shapes: set cache_implementation='static' with compile "
-            "(multiplex_compile in a config, --compile on the command line)."
-        )
-
-
-def sliding_window(config) -> int | None:
-    """The shortest sliding (or chunked) attention window among the model's layers; None if every layer sees all."""
-    _, per_layer = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    windows = [kw["sliding_window"] for kw in per_layer if kw.get("sliding_window") is not None]
-    return min(windows, default=None)
-
-
-class OneDtypeStaticCache(StaticCache):
-    """A StaticCache that stores keys and values in one dtype, the wider of the two.
-
-    Under autocast (bf16 mixed precision with float32 weights, where accelerate runs the forward under autocast) RoPE
-    leaves the keys in float32 while the values come out of a bf16 projection, and a static layer holds both in the
-    keys' dtype (transformers' own StaticCache then fails in index_copy_). Widening the values is exact.
-    """
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        dtype = torch.promote_types(key_states.dtype, value_states.dtype)
-        return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
-
-
-def static_cache_length(model, length: int) -> int:
-    """`length` positions rounded up to the cache bucket, within the model's positions and its shortest sliding window
-    (a cache that fits in the window never slides)."""
-    bucket = -(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-    limits = [getattr(model.config.get_text_config(), "max_position_embeddings", None), sliding_window(model.config)]
-    limit = min((x for x in limits if x is not None), default=None)
-    return bucket if limit is None else max(length, min(bucket, limit))
-
-
-def _static_cache(model, length: int):
-    """A StaticCache for at least `length` positions (bucketed), and its length.
-
-    A sliding-window layer whose window spans the whole cache never slides, so it becomes a plain static layer: same
-    keys, values and mask, without the Python position counter that would change a compiled step at every position.
-    """
-    bucket = static_cache_length(model, length)
-    cache = OneDtypeStaticCache(config=model.config, max_cache_len=bucket)
-    cache.layers = [
-        StaticLayer(max_cache_len=bucket)
-        if type(layer) is StaticSlidingWindowLayer and layer.max_cache_len >= bucket
-        else layer
-        for layer in cache.layers
-    ]
-    return cache, bucket
-
-
-def check_compiled_window(model, length: int) -> None:
-    """One-line error when a compiled step would decode `length` positions into a cache that slides (it would
-    recompile at every position). Builds no tensors."""
-    cache, _ = _static_cache(model, length)
-    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-        window = sliding_window(model.config)
-        raise ValueError(
-            f"multiplex_compile needs a KV cache that never slides, but the model's sliding window ({window}) is "
-            f"shorter than prompt + completion ({length} positions), so the compiled step would recompile at every "
-            f"position: set multiplex_compile=False (cache_implementation='static' alone handles sliding windows) "
-            f"or keep prompt + max_completion_length <= {window}."
-        )
-
-
-class CompiledDecode:
-    """A model's decode step compiled by `torch.compile` (CUDA graphs on a GPU), and the static KV cache it decodes
-    into.
-
-    The cache is kept between rollouts and reset in place: a CUDA graph replays on the addresses it was recorded with,
-    so a new cache every rollout would record the graphs again every rollout (and torch keeps every recording,
-    checking them all at each step). It only grows: a rollout that needs fewer positions than the kept cache decodes
-    into it (the extra positions are masked), so prompts of varying lengths neither recompile nor re-record; a longer
-    one replaces it, and so does another batch size. The price is the cache's memory, held between rollouts.
-    A deep copy of the model (another policy) carries neither step nor cache: it compiles its own.
-    """
-
-    def __init__(self, model):
-        self.on_gpu = next(model.parameters()).device.type == "cuda"
-        mode = "reduce-overhead" if self.on_gpu else None
-        self.step = torch.compile(model.__call__, fullgraph=False, dynamic=False, mode=mode)
-        self.cache, self.cache_key, self.cache_len = None, None, 0
-
-    def __call__(self, **kwargs):
-        if self.on_gpu:  # each call starts a new CUDA-graph step; outputs of the previous one are already consumed
-            torch.compiler.cudagraph_mark_step_begin()
-        return self.step(**kwargs)
-
-    def static_cache(self, model, batch: int, length: int):
-        """The kept cache, emptied, when it holds `batch` rows of `length` positions; else a new one, at least as
-        long as the one it replaces. Returns (cache, its length)."""
-        param = next(model.parameters())
-        device_type = param.device.type
-        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        key = (batch, param.device, param.dtype, autocast)
-        if key == self.cache_key and length <= self.cache_len:
-            self.cache.reset()
-            return self.cache, self.cache_len
-        check_compiled_window(model, length)
-        length = max(length, self.cache_len) if key == self.cache_key else length
-        self.cache = self.cache_key = None  # free the old cache before allocating the next
-        self.cache, self.cache_len = _static_cache(model, length)
-        self.cache_key = key
-        return self.cache, self.cache_len
-
-    def __deepcopy__(self, memo):
-        return None  # a copied model compiles its own step, bound to its own weights
-
-
-def compiled_decode_step(model) -> CompiledDecode:
-    """The model's `CompiledDecode`, made on first use (and again for a copy of the model)."""
-    compiled = model.__dict__.get("_multiplex_compiled_decode")
-    if compiled is None:
-        compiled = model.__dict__["_multiplex_compiled_decode"] = CompiledDecode(model)
-    return compiled

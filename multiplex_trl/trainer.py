@@ -23,7 +23,8 @@ from trl.trainer.utils import pad
 from .config import MultiplexGRPOConfig
 from .logprobs import add_multiplex_head, multiplex_logprobs, unwrap_model
 from .mixers import mixer_from_config
-from .rollout import check_compiled_window, multiplex_generate
+from .rollout import multiplex_generate
+from .static_decode import check_compiled_window
 
 
 # TRL hooks this trainer overrides, with the parameters it relies on (tests/test_trl_hooks.py checks them).

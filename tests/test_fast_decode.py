@@ -6,12 +6,8 @@ import pytest
 import torch
 from conftest import Steered, generate_rollout, recompute
 
-from multiplex_trl.rollout import (
-    STATIC_CACHE_BUCKET,
-    STATIC_STOP_CHECK_EVERY,
-    compiled_decode_step,
-    static_cache_length,
-)
+from multiplex_trl.rollout import STATIC_STOP_CHECK_EVERY
+from multiplex_trl.static_decode import STATIC_CACHE_BUCKET, compiled_decode_step, static_cache_length
 from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
 

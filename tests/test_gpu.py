@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import chat_batch, recompute
 
-from multiplex_trl.rollout import compiled_decode_step, multiplex_generate
+from multiplex_trl.rollout import multiplex_generate
+from multiplex_trl.static_decode import compiled_decode_step
 from multiplex_trl.testing import tiny_model
 
 

@@ -30,7 +30,7 @@ from .mixers import MIXERS, Mixer, get_mixer
 from .mixers.base import constructor_defaults
 from .models import DEMO_MODEL_ALIASES, resolve_model_name_or_path
 from .rollout import multiplex_generate
-from .static_decode import check_decode_options, sliding_window
+from .static_decode import check_compiled_window, check_decode_options
 from .trainer import thinking_end_ids
 
 
@@ -420,24 +420,19 @@ def check_engine(
 ) -> None:
     """The decode-loop options, checked before any model loads (UsageError: the CLIs print it in one line).
 
-    With `path`, --compile is also checked against the model's config: a sliding window shorter than the completions
-    would make the compiled step's cache slide (the rollout refuses it; prompts only make it longer).
+    With `path`, --compile is also checked against the model's config: a sliding window that a one-token prompt
+    plus `max_new_tokens` overflows (the rollout checks the real prompts again).
     """
     try:
         check_decode_options(cache_implementation, compile)
+        if compile and path is not None:
+            try:
+                config = AutoConfig.from_pretrained(path)
+            except (OSError, ValueError):  # no readable config: loading the model reports it, the rollout checks
+                return
+            check_compiled_window(config, 1 + max_new_tokens)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if compile and path is not None:
-        try:
-            window = sliding_window(AutoConfig.from_pretrained(path))
-        except (OSError, ValueError):  # no readable config here: loading the model reports it, the rollout checks
-            return
-        if window is not None and max_new_tokens >= window:
-            raise UsageError(
-                f"--compile needs a KV cache that never slides, but the model's sliding window ({window}) is not "
-                f"longer than --max-new-tokens ({max_new_tokens}): drop --compile (--cache-implementation static "
-                "alone handles sliding windows) or lower --max-new-tokens."
-            )
 
 
 def decode_prompts(

@@ -116,7 +116,7 @@ def multiplex_generate(
             decode = compiled_decode_step(model)
             cache, cache_len = decode.cache_for(model, batch, prompt_len + max_new_tokens)
         else:
-            cache, cache_len = static_cache(model, prompt_len + max_new_tokens)
+            cache, cache_len = static_cache(model.config, prompt_len + max_new_tokens)
         mask = torch.cat([mask, mask.new_zeros(batch, cache_len - mask.size(1))], dim=-1)
         alive = torch.ones(batch, dtype=torch.bool, device=device)
     out = model(

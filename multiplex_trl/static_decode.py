@@ -47,23 +47,23 @@ class OneDtypeStaticCache(StaticCache):
         return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
 
 
-def static_cache_length(model, length: int) -> int:
+def static_cache_length(config, length: int) -> int:
     """`length` positions rounded up to the cache bucket, within the model's positions and its shortest sliding window
     (a cache that fits in the window never slides)."""
     bucket = -(-length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-    limits = [getattr(model.config.get_text_config(), "max_position_embeddings", None), sliding_window(model.config)]
+    limits = [getattr(config.get_text_config(), "max_position_embeddings", None), sliding_window(config)]
     limit = min((x for x in limits if x is not None), default=None)
     return bucket if limit is None else max(length, min(bucket, limit))
 
 
-def static_cache(model, length: int):
-    """A StaticCache for at least `length` positions (bucketed), and its length.
+def static_cache(config, length: int):
+    """A StaticCache of a model with this `config` for at least `length` positions (bucketed), and its length.
 
     A sliding-window layer whose window spans the whole cache never slides, so it becomes a plain static layer: same
     keys, values and mask, without the Python position counter that would change a compiled step at every position.
     """
-    bucket = static_cache_length(model, length)
-    cache = OneDtypeStaticCache(config=model.config, max_cache_len=bucket)
+    bucket = static_cache_length(config, length)
+    cache = OneDtypeStaticCache(config=config, max_cache_len=bucket)
     cache.layers = [
         StaticLayer(max_cache_len=bucket)
         if type(layer) is StaticSlidingWindowLayer and layer.max_cache_len >= bucket
@@ -73,17 +73,17 @@ def static_cache(model, length: int):
     return cache, bucket
 
 
-def check_compiled_window(model, length: int) -> None:
+def check_compiled_window(config, length: int) -> None:
     """One-line error when a compiled step would decode `length` positions into a cache that slides (it would
     recompile at every position). Builds no tensors."""
-    cache, _ = static_cache(model, length)
+    cache, _ = static_cache(config, length)
     if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-        window = sliding_window(model.config)
+        window = sliding_window(config)
         raise ValueError(
-            f"multiplex_compile needs a KV cache that never slides, but the model's sliding window ({window}) is "
-            f"shorter than prompt + completion ({length} positions), so the compiled step would recompile at every "
-            f"position: set multiplex_compile=False (cache_implementation='static' alone handles sliding windows) "
-            f"or keep prompt + max_completion_length <= {window}."
+            f"A compiled decode step needs a KV cache that never slides, but the model's sliding window ({window}) is "
+            f"shorter than prompt + completion ({length} positions), so the step would recompile at every position: "
+            f"turn compilation off (multiplex_compile=False, or no --compile; the static cache alone handles sliding "
+            f"windows) or keep prompt + completion within {window} positions."
         )
 
 
@@ -120,10 +120,10 @@ class CompiledDecode:
         if key == self.cache_key and length <= self.cache_len:
             self.cache.reset()
             return self.cache, self.cache_len
-        check_compiled_window(model, length)
+        check_compiled_window(model.config, length)
         length = max(length, self.cache_len) if key == self.cache_key else length
         self.cache = self.cache_key = None  # free the old cache before allocating the next
-        self.cache, self.cache_len = static_cache(model, length)
+        self.cache, self.cache_len = static_cache(model.config, length)
         self.cache_key = key
         return self.cache, self.cache_len
 

@@ -174,8 +174,8 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                     "the model has no input embeddings (get_input_embeddings() returned nothing): multiplex rollouts "
                     "feed merged token embeddings, so use a causal LM with an embedding layer."
                 )
-            if args.multiplex_compile:  # before training: a window shorter than any completion would always slide
-                check_compiled_window(unwrap_model(self.model), args.max_completion_length)
+            if args.multiplex_compile:  # before training: a window that even the shortest prompt overflows
+                check_compiled_window(unwrap_model(self.model).config, 1 + args.max_completion_length)
             add_multiplex_head(unwrap_model(self.model))
             if self.ref_model is not None:
                 add_multiplex_head(unwrap_model(self.ref_model))

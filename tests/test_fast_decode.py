@@ -168,10 +168,10 @@ def test_static_loop_checks_for_the_end_every_few_steps_and_trims_the_tail(tok):
 
 def test_static_cache_length_is_bucketed_within_the_models_positions(tok):
     model = tiny_model(tok)  # max_position_embeddings 1024
-    assert static_cache_length(model, 10) == STATIC_CACHE_BUCKET
-    assert static_cache_length(model, STATIC_CACHE_BUCKET + 1) == 2 * STATIC_CACHE_BUCKET
-    assert static_cache_length(model, 1000) == 1024  # capped at the model's positions
-    assert static_cache_length(model, 1030) == 1030  # never below what the rollout needs
+    assert static_cache_length(model.config, 10) == STATIC_CACHE_BUCKET
+    assert static_cache_length(model.config, STATIC_CACHE_BUCKET + 1) == 2 * STATIC_CACHE_BUCKET
+    assert static_cache_length(model.config, 1000) == 1024  # capped at the model's positions
+    assert static_cache_length(model.config, 1030) == 1030  # never below what the rollout needs
 
 
 def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok):
@@ -251,7 +251,7 @@ def test_compiled_decode_with_a_sliding_window_that_spans_the_cache(tok):
     from torch._dynamo.utils import counters
 
     model = _mistral(tok, window=300)
-    assert static_cache_length(model, 40) == 256 and static_cache_length(model, 260) == 300
+    assert static_cache_length(model.config, 40) == 256 and static_cache_length(model.config, 260) == 300
     questions = ["1+1?", "what is two plus two?", "x"]
     kwargs = {"cache_implementation": "static", "temperature": 0.9, "max_thinking_tokens": 10}
     ref, input_ids, mask = generate_rollout(model, tok, questions, **kwargs)
@@ -267,7 +267,7 @@ def test_compiled_decode_with_a_sliding_window_that_spans_the_cache(tok):
 def test_a_cache_that_slides_is_refused_compiled_and_exact_uncompiled(tmp_path, tok):
     model = _mistral(tok, window=8)
     kwargs = {"cache_implementation": "static", "max_thinking_tokens": 10}
-    with pytest.raises(ValueError, match=r"sliding window \(8\).*set multiplex_compile=False") as err:
+    with pytest.raises(ValueError, match=r"sliding window \(8\).*multiplex_compile=False") as err:
         generate_rollout(model, tok, ["x"], compile=True, **kwargs)
     assert "\n" not in str(err.value)
     r, input_ids, mask = generate_rollout(model, tok, ["1+1?", "what is two plus two?"], **kwargs)
@@ -277,7 +277,7 @@ def test_a_cache_that_slides_is_refused_compiled_and_exact_uncompiled(tmp_path, 
     from test_trainer import _args, _trainer  # a trainer refuses it before training
 
     args = _args(tmp_path, cache_implementation="static", multiplex_compile=True, max_completion_length=20)
-    with pytest.raises(ValueError, match="multiplex_compile needs a KV cache that never slides"):
+    with pytest.raises(ValueError, match=r"needs a KV cache that never slides.*multiplex_compile=False"):
         _trainer(tok, model, args)
 
 

@@ -192,7 +192,7 @@ def test_generate_cli_refuses_compile_when_the_window_is_shorter_than_the_comple
     fast = ["--cache-implementation", "static", "--compile"]
     assert inference.main(["--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "16", *fast]) == 2
     err = capsys.readouterr().err
-    assert "sliding window (8)" in err and "drop --compile" in err and len(err.strip().splitlines()) == 1
+    assert "sliding window (8)" in err and "no --compile" in err and len(err.strip().splitlines()) == 1
 
 
 # --- mixers ---------------------------------------------------------------------------------------------------------

@@ -43,8 +43,10 @@ class OneDtypeStaticCache(StaticCache):
     """
 
     def update(self, key_states, value_states, *args, **kwargs):
-        dtype = torch.promote_types(key_states.dtype, value_states.dtype)
-        return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+        if key_states.dtype != value_states.dtype:  # per layer and step: no work unless they differ
+            dtype = torch.promote_types(key_states.dtype, value_states.dtype)
+            key_states, value_states = key_states.to(dtype), value_states.to(dtype)
+        return super().update(key_states, value_states, *args, **kwargs)
 
 
 def static_cache_length(config, length: int) -> int:

@@ -320,7 +320,7 @@ def fast_loops(args, device, dtype):
         "eager: DynamicCache, finished rows leave the batch (the default, the reference). static: StaticCache sized "
         "to a multiple of 256 positions, fixed shapes. compiled: static + torch.compile of the decode step's forward "
         "(mode reduce-overhead = CUDA graphs on cuda; inductor's C++ backend on cpu). 'first call s' includes "
-        "compilation (paid once per model and cache bucket in a training run).",
+        "compilation (paid again in a training run only for another batch size or a longer cache).",
     ]
     common.write_results(
         args.name + "-fast",

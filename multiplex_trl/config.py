@@ -82,8 +82,8 @@ class MultiplexGRPOConfig(GRPOConfig):
         metadata={
             "help": "Compile the rollout's decode step with torch.compile (CUDA graphs on a GPU). Needs "
             "cache_implementation='static' (a preallocated KV cache with fixed shapes). Same rollouts as the default "
-            "loop up to rounding; compiles once per cache-length bucket. Not with ZeRO-3 (parameters are gathered "
-            "anew for every generation)."
+            "loop up to rounding; compiles again only for another batch size or a longer cache. Not with ZeRO-3 "
+            "(parameters are gathered anew for every generation)."
         },
     )
 

@@ -6,7 +6,7 @@ import string
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", "<think>", "</think>", "<|user|>", "<|assistant|>"]
@@ -44,10 +44,14 @@ def tiny_model(
     hidden_size: int = 32,
     num_layers: int = 2,
     max_positions: int = 1024,
+    sliding_window: int | None = None,
 ):
-    """A randomly initialised 2-layer Llama sized for the tiny tokenizer (float32, eager attention)."""
+    """A randomly initialised 2-layer Llama sized for the tiny tokenizer (float32, eager attention); with
+    `sliding_window`, the same as a Mistral whose layers attend within that many positions."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_class = LlamaConfig if sliding_window is None else MistralConfig
+    window = {} if sliding_window is None else {"sliding_window": sliding_window}
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -60,8 +64,9 @@ def tiny_model(
         bos_token_id=None,
         tie_word_embeddings=False,
         attn_implementation="eager",
+        **window,
     )
-    model = LlamaForCausalLM(config)
+    model = (LlamaForCausalLM if sliding_window is None else MistralForCausalLM)(config)
     # Spread the output distribution a little so sampling branches (random init gives near-uniform logits).
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)

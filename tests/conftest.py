@@ -64,19 +64,19 @@ def chat_batch(tok, questions):
     return enc.input_ids, enc.attention_mask
 
 
-def generate_rollout(model, tok, questions, seed=0, **kwargs):
+def generate_rollout(model, tok, questions, seed=0, device="cpu", **kwargs):
     """`multiplex_generate` on chat prompts at K=3, 30 new tokens, the `</think>` marker and a seeded generator
-    (`kwargs` override): (rollout, input_ids, mask)."""
+    (`kwargs` override), on `device`: (rollout, input_ids, mask)."""
     from multiplex_trl.rollout import multiplex_generate
 
-    input_ids, mask = chat_batch(tok, questions)
+    input_ids, mask = (t.to(device) for t in chat_batch(tok, questions))
     args = {
         "width": 3,
         "max_new_tokens": 30,
         "thinking_end_ids": tok.encode("</think>", add_special_tokens=False),
         "eos_token_ids": [tok.eos_token_id],
         "pad_token_id": tok.pad_token_id,
-        "generator": torch.Generator().manual_seed(seed),
+        "generator": torch.Generator(device=device).manual_seed(seed),
     }
     args.update(kwargs)
     return multiplex_generate(model, input_ids, mask, **args), input_ids, mask

@@ -88,18 +88,14 @@ def rollout_gap(trainer) -> float | None:
     if trainer.args.cache_implementation != "static":
         return None
     import torch
-
-    from multiplex_trl.logprobs import multiplex_logprobs
+    from conftest import recompute
 
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     tok = trainer.processing_class
     batch = tok(["1+1=?", "what is 2+2?"], padding=True, return_tensors="pt").to(trainer.accelerator.device)
     with torch.no_grad():
         r = trainer._multiplex_generate(model, batch.input_ids, batch.attention_mask)
-        recomputed = multiplex_logprobs(
-            model, batch.input_ids, batch.attention_mask, r.ids, r.weights, r.completion_mask,
-            temperature=trainer.temperature, thinking_mask=r.thinking_mask,
-        )  # fmt: skip
+        recomputed = recompute(model, batch.input_ids, batch.attention_mask, r, temperature=trainer.temperature)
     return (recomputed - r.logprobs).abs().max().item()
 
 

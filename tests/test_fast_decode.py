@@ -228,29 +228,13 @@ def test_compiled_decode_keeps_one_cache_and_graph_across_rollouts(tok):
     assert compiled.cache.layers[0].keys.size(0) == 2 and compiled.cache_len == STATIC_CACHE_BUCKET
 
 
-def _mistral(tok, window):
-    """A tiny Mistral: every layer attends within a sliding window of `window` positions."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, sliding_window=window, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    model = MistralForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    return model
-
-
 def test_compiled_decode_with_a_sliding_window_that_spans_the_cache(tok):
     """A window at least as long as the rollout never slides: the cache is capped at the window and its layers are
     plain static ones, so the compiled step is one graph for every position (a sliding layer's Python position
     counter made it recompile at each step until torch gave up and ran it eagerly) and stays exact."""
     from torch._dynamo.utils import counters
 
-    model = _mistral(tok, window=300)
+    model = tiny_model(tok, sliding_window=300).eval()
     assert static_cache_length(model.config, 40) == 256 and static_cache_length(model.config, 260) == 300
     questions = ["1+1?", "what is two plus two?", "x"]
     kwargs = {"cache_implementation": "static", "temperature": 0.9, "max_thinking_tokens": 10}
@@ -265,7 +249,7 @@ def test_compiled_decode_with_a_sliding_window_that_spans_the_cache(tok):
 
 
 def test_a_cache_that_slides_is_refused_compiled_and_exact_uncompiled(tmp_path, tok):
-    model = _mistral(tok, window=8)
+    model = tiny_model(tok, sliding_window=8).eval()
     kwargs = {"cache_implementation": "static", "max_thinking_tokens": 10}
     with pytest.raises(ValueError, match=r"sliding window \(8\).*multiplex_compile=False") as err:
         generate_rollout(model, tok, ["x"], compile=True, **kwargs)

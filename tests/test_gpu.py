@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import chat_batch, recompute
+from conftest import generate_rollout, recompute
 
-from multiplex_trl.rollout import multiplex_generate
 from multiplex_trl.static_decode import compiled_decode_step
 from multiplex_trl.testing import tiny_model
 
@@ -13,22 +12,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _rollout(model, tok, **kw):
-    input_ids, mask = chat_batch(tok, ["1+1?", "what is two plus two?", "x", "a longer prompt here"])
-    input_ids, mask = input_ids.cuda(), mask.cuda()
-    r = multiplex_generate(
-        model,
-        input_ids,
-        mask,
-        width=3,
-        max_new_tokens=48,
-        thinking_end_ids=[4],
-        eos_token_ids=[1],
-        pad_token_id=0,
-        generator=torch.Generator(device="cuda").manual_seed(0),
-        max_thinking_tokens=16,
-        **kw,
-    )
-    return r, input_ids, mask
+    questions = ["1+1?", "what is two plus two?", "x", "a longer prompt here"]
+    return generate_rollout(model, tok, questions, device="cuda", max_new_tokens=48, max_thinking_tokens=16, **kw)
 
 
 def test_rollout_logprobs_match_recompute_on_cuda_fp32(tok):

@@ -125,6 +125,25 @@ class SaveOnSigterm(TrainerCallback):
             self._previous = None
 
 
+def drop_repeated_input_grad_hooks(model: torch.nn.Module) -> int:
+    """Keep one of the identical "inputs require grad" hooks on each module; returns how many were dropped.
+
+    transformers registers one each time gradient checkpointing is turned on (`enable_input_require_grads`) and, for
+    a model without an integrated adapter, never removes it when it is turned off. TRL turns it off and on around
+    every generation and scoring pass, so without this the embeddings gain two hooks a step, every one of them run at
+    every forward: a per-step cost that grows with the length of the run (TRL's own GRPOTrainer too). The newest
+    hook, the one transformers keeps a handle to, stays.
+    """
+    dropped = 0
+    for module in model.modules():
+        hooks = module._forward_hooks
+        repeated = [key for key, hook in hooks.items() if getattr(hook, "__name__", "") == "make_inputs_require_grads"]
+        for key in repeated[:-1]:
+            del hooks[key]
+            dropped += 1
+    return dropped
+
+
 class MultiplexGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose rollouts think in multiplex tokens (K merged draws per thinking position)."""
 
@@ -269,9 +288,9 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         return tuple(out)
 
     def _generate_and_score_completions(self, inputs):
-        if not self.multiplex:
-            return super()._generate_and_score_completions(inputs)
         try:
+            if not self.multiplex:
+                return super()._generate_and_score_completions(inputs)
             output = super()._generate_and_score_completions(inputs)
             length = output["completion_ids"].size(1)
             output["multiplex_ids"] = _pad_time(self._rollout.ids, length, self._tokenizer.pad_token_id)
@@ -280,6 +299,8 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             self._log_multiplex_metrics(self._rollout)
         finally:
             self._rollout = self._active_slots = None
+            # TRL turned gradient checkpointing off and on again here: drop the hooks that left behind
+            drop_repeated_input_grad_hooks(unwrap_model(self.model))
         return output
 
     # --- scoring ------------------------------------------------------------------------------------------------

@@ -322,3 +322,40 @@ def test_static_cache_and_compiled_decode_train(tmp_path, tok, monkeypatch, lora
     # LoRA adapters never make the decode step compile again
     assert len(graphs) == 3 and graphs[0] == graphs[-1], graphs
     exact_rollout()  # after the optimizer steps, with the step compiled before them
+
+
+def test_repeated_input_grad_hooks_are_dropped_and_the_newest_kept(tok):
+    """transformers' enable_input_require_grads adds one more identical hook per call; the clean-up keeps the newest
+    (the one transformers holds a handle to, so disable_input_require_grads still removes it) and nothing else."""
+    model = tiny_model(tok)
+    embed = model.get_input_embeddings()
+    other = embed.register_forward_hook(lambda module, args, output: None)
+    for _ in range(4):
+        model.enable_input_require_grads()
+    assert len(embed._forward_hooks) == 5
+    assert trainer_module.drop_repeated_input_grad_hooks(model) == 3
+    assert list(embed._forward_hooks) == [other.id, model._require_grads_hooks[0].id]
+    with torch.no_grad():
+        assert embed(torch.tensor([[3]])).requires_grad  # the kept hook still works
+    model.disable_input_require_grads()
+    assert list(embed._forward_hooks) == [other.id]
+    assert trainer_module.drop_repeated_input_grad_hooks(model) == 0
+
+
+def test_input_grad_hooks_do_not_pile_up_over_training_steps(tmp_path, tok):
+    """TRL turns gradient checkpointing off and on around each generation and scoring pass and transformers adds a
+    hook each time (TRL's GRPOTrainer: 3, 5, 7, ... hooks on the embeddings, all run at every decode step). The
+    multiplex trainer keeps one, and training still updates the weights through checkpointed layers."""
+    model = tiny_model(tok)
+    before = _params(model)
+    tr = _trainer(tok, model, _args(tmp_path, max_steps=4, gradient_checkpointing=True))
+    counts = []
+
+    class CountHooks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            counts.append(len(model.get_input_embeddings()._forward_hooks))
+
+    tr.add_callback(CountHooks())
+    tr.train()
+    assert counts == [1, 1, 1, 1]
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .mixers import Mixer, get_mixer
-from .sampling import merge_embeddings, prepare_logits
+from .sampling import decode_step, prepare_logits
 from .static_decode import check_decode_options, compiled_decode_step, static_cache
 
 
@@ -83,6 +84,7 @@ def multiplex_generate(
     batch, k = input_ids.size(0), width
     marker = torch.tensor(thinking_end_ids, device=device)  # [L]
     eos = torch.tensor(eos_token_ids, device=device)
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
     embed = model.get_input_embeddings()
 
     # Per active row state; `rows` maps active rows back to the batch. Finished rows leave these tensors.
@@ -110,7 +112,7 @@ def multiplex_generate(
     )
 
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    decode, cache, alive = model, None, None
+    decode, cache, alive = partial(decode_step, model), None, None
     if static:  # one cache of a bucketed length for the whole rollout; the mask spans it at every step
         if compile:  # the compiled step decodes into a cache it keeps (fixed addresses for CUDA graphs)
             decode = compiled_decode_step(model)
@@ -127,12 +129,10 @@ def multiplex_generate(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache = out.past_key_values
+    filtered, full_logprobs = prepare_logits(out.logits[:, -1], **sampling)
 
     for t in range(max_new_tokens):
-        filtered, full_logprobs = prepare_logits(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
-        )
         ids, weights = mixer.draw(filtered, full_logprobs, generator)  # [b, K]
         forced = None
         if may_force:  # budget reached, or confident for long enough (cold stop): force the marker from here on
@@ -189,14 +189,15 @@ def multiplex_generate(
                 x[keep] for x in (rows, mask, position, thinking, thought, forcing, recent, cold, ids, weights)
             )
 
-        out = decode(
-            inputs_embeds=merge_embeddings(embed, ids, weights).unsqueeze(1),
+        # The next position's filtered logits and log-softmax (compiled: outputs read before the next call replaces them)
+        filtered, full_logprobs = decode(
+            embed(ids).detach(),  # detached: a requires-grad hook on the embeddings changes nothing under no_grad
+            weights,
             attention_mask=mask if static else mask[:, : prompt_len + t + 1],
             position_ids=position.unsqueeze(-1),
-            past_key_values=cache,
-            use_cache=True,
+            cache=cache,
+            sampling=sampling,
         )
-        logits = out.logits[:, -1].clone() if decode is not model else out.logits[:, -1]
         position = position + 1
 
     # [T, B, ...] -> [B, T, ...]; static: drop the steps decoded after the last row finished (checked every few steps).

@@ -60,6 +60,25 @@ def prepare_logits(logits, *, temperature, top_k=None, top_p=1.0, min_p=None):
     return filter_logits(scaled, top_k=top_k, top_p=top_p, min_p=min_p), scaled.log_softmax(dim=-1)
 
 
+def decode_step(model, slot_embeds, weights, *, attention_mask, position_ids, cache, sampling: dict):
+    """One decode step after a position's K slots are drawn: merge their embeddings [B, K, H] with `weights` [B, K],
+    run the model on the KV cache, and prepare the next position's logits for the draw (`prepare_logits` with the
+    `sampling` options).
+
+    Deterministic from end to end, so the compiled decode step compiles all of it (static_decode.CompiledDecode). The
+    embedding lookup stays outside, with the draw: it runs the embedding module's own hooks and adapters.
+    """
+    embeds = merge_slot_embeddings(slot_embeds, weights).unsqueeze(1)
+    out = model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return prepare_logits(out.logits[:, -1], **sampling)
+
+
 def merge_embeddings(embedding: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """c = sum_j w_j E[k_j]: `ids`/`weights` [..., K] -> embeddings [..., H] in the embedding's dtype."""
     return merge_slot_embeddings(embedding(ids), weights)

@@ -4,9 +4,13 @@ eager loop (a DynamicCache) needs none of it."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer, get_layer_types_and_kwargs
+
+from .sampling import decode_step
 
 
 CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
@@ -91,7 +95,9 @@ def check_compiled_window(config, length: int) -> None:
 
 class CompiledDecode:
     """A model's decode step compiled by `torch.compile` (CUDA graphs on a GPU), and the static KV cache it decodes
-    into.
+    into. The step is `sampling.decode_step`: the merge of the slots' embeddings, the forward, and the temperature
+    and top-k / top-p / min-p filters of the next position's logits, so the loop runs only the draw, the embedding
+    lookup and their bookkeeping eagerly.
 
     The cache is kept between rollouts and reset in place: a CUDA graph replays on the addresses it was recorded with,
     so a new cache every rollout would record the graphs again every rollout (and torch keeps every recording,
@@ -104,13 +110,18 @@ class CompiledDecode:
     def __init__(self, model):
         self.on_gpu = next(model.parameters()).device.type == "cuda"
         mode = "reduce-overhead" if self.on_gpu else None
-        self.step = torch.compile(model.__call__, fullgraph=False, dynamic=False, mode=mode)
+        # The model is an argument, not a closure: dynamo then guards on its structure (its weights are graph inputs),
+        # so models of one architecture share graphs, as a compiled `model.__call__` would, instead of each adding
+        # an entry towards torch's recompile limit for this one function.
+        self.model_ref = weakref.ref(model)
+        self.step = torch.compile(decode_step, fullgraph=False, dynamic=False, mode=mode)
         self.cache, self.cache_key, self.cache_len = None, None, 0
 
-    def __call__(self, **kwargs):
+    def __call__(self, slot_embeds, weights, **kwargs):
+        """`sampling.decode_step` for this model, compiled; its outputs are valid until the next call."""
         if self.on_gpu:  # each call starts a new CUDA-graph step; outputs of the previous one are already consumed
             torch.compiler.cudagraph_mark_step_begin()
-        return self.step(**kwargs)
+        return self.step(self.model_ref(), slot_embeds, weights, **kwargs)
 
     def cache_for(self, model, batch: int, length: int):
         """The kept cache, emptied, when it holds `batch` rows of `length` positions; else a new one, at least as

@@ -16,6 +16,14 @@ from multiplex_trl.testing import tiny_model, tiny_tokenizer  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each test compiles as a fresh process would: torch keeps compiled variants of a function across models (up to
+    its recompile limit, then runs it uncompiled), so without this the tests' many shapes would add up."""
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def tok():
     return tiny_tokenizer()

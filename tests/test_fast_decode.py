@@ -174,13 +174,21 @@ def test_static_cache_length_is_bucketed_within_the_models_positions(tok):
     assert static_cache_length(model.config, 1030) == 1030  # never below what the rollout needs
 
 
-def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok):
-    """torch.compile (inductor on CPU; CUDA graphs on a GPU, see tests/test_gpu.py) changes nothing but speed."""
+@pytest.mark.parametrize("filters", [{}, {"top_k": 40, "top_p": 0.95, "min_p": 0.05}], ids=["plain", "filtered"])
+def test_compiled_decode_step_matches_the_uncompiled_static_loop(tok, filters):
+    """torch.compile (inductor on CPU; CUDA graphs on a GPU, see tests/test_gpu.py) changes nothing but speed. The
+    compiled step is the slots' merge, the forward and the next position's temperature and filters: one graph, no
+    graph break, whatever the sampling options."""
+    from torch._dynamo.utils import counters
+
     model = tiny_model(tok).eval()
     questions = ["1+1?", "what is two plus two?", "x"]
     kwargs = {"cache_implementation": "static", "temperature": 0.9, "max_new_tokens": 24, "max_thinking_tokens": 10}
+    kwargs.update(filters)
     ref, input_ids, mask = generate_rollout(model, tok, questions, **kwargs)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     fast, _, _ = generate_rollout(model, tok, questions, compile=True, **kwargs)
+    assert counters["stats"]["unique_graphs"] == graphs + 1 and sum(counters["graph_break"].values()) == breaks
     _assert_same(ref, fast)
     compiled = compiled_decode_step(model)
     again, _, _ = generate_rollout(model, tok, questions, compile=True, seed=1, **kwargs)  # reuses the compiled step

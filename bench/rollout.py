@@ -318,9 +318,10 @@ def fast_loops(args, device, dtype):
         f"new tokens / median seconds over {args.reps} interleaved rounds; ratios are medians of per-round time "
         "ratios (below 1: faster than the eager loop); ± is half their range.",
         "eager: DynamicCache, finished rows leave the batch (the default, the reference). static: StaticCache sized "
-        "to a multiple of 256 positions, fixed shapes. compiled: static + torch.compile of the decode step (slot merge, "
-        "forward, temperature and filters of the next logits; mode reduce-overhead = CUDA graphs on cuda; inductor's C++ backend on cpu). 'first call s' includes "
-        "compilation (paid again in a training run only for another batch size or a longer cache).",
+        "to a multiple of 256 positions, fixed shapes. compiled: static + torch.compile of the decode step (slot "
+        "merge, forward, temperature and filters of the next logits; mode reduce-overhead = CUDA graphs on cuda; "
+        "inductor's C++ backend on cpu). 'first call s' includes compilation (paid again in a training run only for "
+        "another batch size, a longer cache or other sampling options).",
     ]
     common.write_results(
         args.name + "-fast",

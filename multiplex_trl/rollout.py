@@ -189,7 +189,7 @@ def multiplex_generate(
                 x[keep] for x in (rows, mask, position, thinking, thought, forcing, recent, cold, ids, weights)
             )
 
-        # The next position's filtered logits and log-softmax (compiled: outputs read before the next call replaces them)
+        # The next position's filtered logits and log-softmax (compiled: read before the next call replaces them)
         filtered, full_logprobs = decode(
             embed(ids).detach(),  # detached: a requires-grad hook on the embeddings changes nothing under no_grad
             weights,

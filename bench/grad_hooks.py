@@ -6,17 +6,14 @@ two hooks a step: 2N+1 after N steps. Every hook runs at every decode step of ev
 MultiplexGRPOTrainer keeps one (`drop_repeated_input_grad_hooks`). This times the multiplex rollout (K=--width)
 with the one hook against the 2N+1 hooks that N steps would leave without the clean-up, interleaved, same process.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/grad_hooks.py            # CPU, tiny model, < 1 min
+    OMP_NUM_THREADS=1 .venv/bin/python bench/grad_hooks.py            # CPU, tiny and SmolLM2, < 1 min
     .venv/bin/python bench/grad_hooks.py --device cuda --models tiny,smollm2
 """
 
 from __future__ import annotations
 
 import common
-from rollout import engines
-
-
-SIZES = {"cpu": {"tiny": (32, 64), "smollm2": (16, 8)}, "cuda": {"tiny": (128, 128), "smollm2": (128, 128)}}
+from rollout import SIZES, engines
 
 
 def hook_sets(model, counts: list[int]) -> dict[int, dict]:

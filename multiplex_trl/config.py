@@ -83,8 +83,8 @@ class MultiplexGRPOConfig(GRPOConfig):
             "help": "Compile the rollout's decode step with torch.compile (CUDA graphs on a GPU). Needs "
             "cache_implementation='static' (a preallocated KV cache with fixed shapes). Same rollouts as the default "
             "loop up to rounding; compiles again only for another batch size, a longer cache or other sampling "
-            "options (temperature, top-k/p, min-p). Not with ZeRO-3 "
-            "(parameters are gathered anew for every generation)."
+            "options (temperature, top-k/p, min-p). Not with ZeRO-3 or FSDP (parameters are gathered anew for every "
+            "generation)."
         },
     )
 

@@ -69,9 +69,9 @@ def multiplex_generate(
 
     `cache_implementation="static"` decodes with a preallocated KV cache and fixed shapes instead: finished rows
     stay in the batch (their positions are simply not stored), and the end check (a host sync) runs every
-    `STATIC_STOP_CHECK_EVERY` steps. `compile=True` then runs each decode step's forward through `torch.compile`
-    (CUDA graphs on a GPU). Both give the same rollout as the default loop up to floating-point rounding
-    (tests/test_fast_decode.py).
+    `STATIC_STOP_CHECK_EVERY` steps. `compile=True` then runs each decode step (`sampling.decode_step`: slot merge,
+    forward, next logits' temperature and filters) through `torch.compile` (CUDA graphs on a GPU). Both give the
+    same rollout as the default loop up to floating-point rounding (tests/test_fast_decode.py).
     """
     check_decode_options(cache_implementation, compile)
     static = cache_implementation == "static"

@@ -16,14 +16,13 @@ finished rows leave the batch; the reference), the static KV cache, and the stat
 from __future__ import annotations
 
 import time
-from collections import Counter
 
 import common
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationConfig
 
 from multiplex_trl import multiplex_generate
+from multiplex_trl.testing import LoopOps
 
 
 # Default (prompt length, new tokens) per device and model. On a 2-core CPU, SmolLM2 at batch 32 decodes only a few
@@ -105,33 +104,17 @@ def count_syncs(run) -> int:
     return sum(1 for e in prof.events() if e.name in SYNC_OPS)
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts aten ops, split by whether they run inside the model's forward (`inside` is set by hooks)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inside, self.counts = False, Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[(self.inside, func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def profile(model, variants, device, steps: int, reps: int) -> list[dict]:
     """Per engine: seconds in the model's forward vs around it, and aten ops / host syncs per decode step."""
-    state = {"t0": 0.0, "fwd": 0.0, "counter": None}
+    state = {"t0": 0.0, "fwd": 0.0}
 
     def pre(module, args):
         common.sync(device)
         state["t0"] = time.perf_counter()
-        if state["counter"] is not None:
-            state["counter"].inside = True
 
     def post(module, args, output):
         common.sync(device)
         state["fwd"] += time.perf_counter() - state["t0"]
-        if state["counter"] is not None:
-            state["counter"].inside = False
 
     handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
     totals, forwards = {name: [] for name in variants}, {name: [] for name in variants}
@@ -147,13 +130,11 @@ def profile(model, variants, device, steps: int, reps: int) -> list[dict]:
                 totals[name].append(time.perf_counter() - start)
                 forwards[name].append(state["fwd"])
         for name, run in variants.items():
-            state["counter"] = counter = _OpCounter()
-            with counter:
+            with LoopOps(model) as counter:
                 run()
-            state["counter"] = None
-            outside = {op: n for (inside, op), n in counter.counts.items() if not inside}
-            inside = sum(n for (ins, _), n in counter.counts.items() if ins)
-            top = sorted(outside.items(), key=lambda kv: -kv[1])[:6]
+            outside = counter.around()
+            inside = counter.counts.total() - outside.total()
+            top = outside.most_common(6)
             total, fwd = common.median(totals[name]), common.median(forwards[name])
             rows.append(
                 {
@@ -162,7 +143,7 @@ def profile(model, variants, device, steps: int, reps: int) -> list[dict]:
                     "forward ms/step": 1e3 * fwd / steps,
                     "around ms/step": 1e3 * (total - fwd) / steps,
                     "ops/step in forward": inside / steps,
-                    "ops/step around": sum(outside.values()) / steps,
+                    "ops/step around": outside.total() / steps,
                     "syncs/step": count_syncs(run) / steps,
                     "most frequent ops around": ", ".join(f"{op} {n / steps:.1f}" for op, n in top),
                 }

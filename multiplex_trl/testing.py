@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import string
+from collections import Counter
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 
@@ -73,3 +75,36 @@ def tiny_model(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+class LoopOps(TorchDispatchMode):
+    """Counts the aten ops run under it, by name, split by whether they ran inside `model`'s forward (hooks on the
+    model, removed on exit): what a decode loop costs around its forward. Only top-level ops are seen (not the ops
+    inside another op's kernel)."""
+
+    # Ops that make the host wait for the device on CUDA (a tensor's value or size decided on the device).
+    SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select"})
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.inside, self.counts = False, Counter()
+        self._hooks = [
+            model.register_forward_pre_hook(lambda *_: setattr(self, "inside", True)),
+            model.register_forward_hook(lambda *_: setattr(self, "inside", False)),
+        ]
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[self.inside, func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def around(self) -> Counter:
+        """Op name -> count, outside the forward."""
+        return Counter({op: n for (inside, op), n in self.counts.items() if not inside})
+
+    def syncs_around(self) -> int:
+        return sum(n for op, n in self.around().items() if op in self.SYNC_OPS)

@@ -1,9 +1,8 @@
 import pytest
 import torch
 from conftest import Steered, generate_rollout, recompute
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from multiplex_trl.testing import tiny_model, tiny_tokenizer
+from multiplex_trl.testing import LoopOps, tiny_model, tiny_tokenizer
 
 
 EOS, PAD = 1, 0
@@ -150,27 +149,6 @@ def test_rollout_logprobs_match_recompute(tok, model, width, merge):
     assert (lp - r.logprobs).abs().max().item() < 1e-5
 
 
-class _LoopOps(TorchDispatchMode):
-    """Counts the aten ops a rollout issues outside the model's forward (hooks on the model set `inside`), and among
-    them the ones that make the host wait for the device on CUDA (a value or a size decided on the device)."""
-
-    SYNCS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select"}
-
-    def __init__(self, model):
-        super().__init__()
-        self.inside, self.ops, self.syncs = False, 0, 0
-        self.hooks = [
-            model.register_forward_pre_hook(lambda *_: setattr(self, "inside", True)),
-            model.register_forward_hook(lambda *_: setattr(self, "inside", False)),
-        ]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.inside:
-            self.ops += 1
-            self.syncs += func.overloadpacket.__name__ in self.SYNCS
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_loop_cost_per_step_is_flat_in_batch_and_length_with_one_host_sync(tok, model, cache_implementation):
     """The issue's target: no Python-side cost that grows with batch or length, no host sync per step beyond the
@@ -183,15 +161,13 @@ def test_loop_cost_per_step_is_flat_in_batch_and_length_with_one_host_sync(tok, 
     for batch in (2, 8):
         for steps in (17, 33, 49):  # 16 apart: a whole number of the static loop's stop-check periods
             steered = Steered(model, lambda step: no_eos)
-            with _LoopOps(steered) as loop:
+            with LoopOps(steered) as loop:
                 r, _, _ = generate_rollout(
                     steered, tok, ["q" * (i % 3 + 1) for i in range(batch)], max_new_tokens=steps,
                     cache_implementation=cache_implementation,
                 )  # fmt: skip
-            for h in loop.hooks:
-                h.remove()
             assert r.lengths() == [steps] * batch
-            counts[batch, steps] = loop.ops, loop.syncs
+            counts[batch, steps] = loop.around().total(), loop.syncs_around()
     assert all(counts[2, steps] == counts[8, steps] for steps in (17, 33, 49))  # nothing per row
     per_step = [counts[2, s + 16][0] - counts[2, s][0] for s in (17, 33)]
     assert per_step[0] == per_step[1]  # every step issues the same ops: linear in length

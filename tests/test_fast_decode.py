@@ -130,9 +130,11 @@ def test_static_cache_under_bf16_autocast_with_float32_weights(tok, compile):
 
 def test_static_cache_keeps_the_batch_and_stores_only_live_positions(tok):
     a = tok.encode("a", add_special_tokens=False)[0]
+    marker = tok.convert_tokens_to_ids("</think>")
 
     class RowBias(Steered):
-        """Row 0 ends at step 1, row 1 at step 4, row 2 runs to the limit (the batch never shrinks here)."""
+        """Row 0 ends at step 1 while thinking and writes the marker after its end; row 1 closes thinking at step 2
+        and ends at step 4; row 2 runs to the limit, thinking (the batch never shrinks here)."""
 
         def forward(self, **kwargs):
             out = super().forward(**kwargs)
@@ -140,6 +142,8 @@ def test_static_cache_keeps_the_batch_and_stores_only_live_positions(tok):
             b = torch.zeros(3, len(tok))
             b[:, a] = 1e4
             b[0, EOS] = 3e4 if step == 1 else 0.0
+            b[0, marker] = 3e4 if step >= 2 else 0.0
+            b[1, marker] = 3e4 if step == 2 else 0.0
             b[1, EOS] = 3e4 if step == 4 else 0.0
             out.logits[:, -1] += b
             return out
@@ -147,6 +151,8 @@ def test_static_cache_keeps_the_batch_and_stores_only_live_positions(tok):
     steered = RowBias(tiny_model(tok).eval(), lambda step: torch.zeros(len(tok)))
     r, _, _ = generate_rollout(steered, tok, ["x", "y", "z"], max_new_tokens=8, cache_implementation="static")
     assert r.lengths() == [2, 5, 8]
+    assert r.closed.tolist() == [False, True, False]  # what a row decodes after its end does not count
+    assert r.thinking_mask.tolist()[1] == [True, True, False, False, False, False, False, False]
     assert steered.batch_sizes == [3] * 8  # prefill + 7 decode steps, fixed shapes
     assert not r.completion_mask[0, 2:].any() and (r.ids[0, 2:] == tok.pad_token_id).all()
     assert (r.weights[0, 2:] == 0).all() and (r.logprobs[0, 2:] == 0).all()

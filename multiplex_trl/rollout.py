@@ -83,6 +83,7 @@ def multiplex_generate(
     device = input_ids.device
     batch, k = input_ids.size(0), width
     marker = torch.tensor(thinking_end_ids, device=device)  # [L]
+    marker_0 = marker[0]
     eos = torch.tensor(eos_token_ids, device=device)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
     embed = model.get_input_embeddings()
@@ -107,9 +108,11 @@ def multiplex_generate(
     rec_ids = torch.full((max_new_tokens, batch, k), pad_token_id, dtype=torch.long, device=device)
     rec_w = torch.zeros((max_new_tokens, batch, k), dtype=torch.float32, device=device)
     rec_logp = torch.zeros((max_new_tokens, batch), dtype=torch.float32, device=device)
-    merged_at, forced_at, closes_at, valid_at = torch.zeros(
-        (4, max_new_tokens, batch), dtype=torch.bool, device=device
-    )
+    merged_at, forced_at = torch.zeros((2, max_new_tokens, batch), dtype=torch.bool, device=device)
+    # Per-row results, written as rows leave the batch and at the end: stored positions (the static loop counts them
+    # at every step instead), and whether thinking closed (with the marker, sampled or forced).
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    closed = torch.zeros(batch, dtype=torch.bool, device=device)
 
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     decode, cache, alive = partial(decode_step, model), None, None
@@ -147,13 +150,15 @@ def multiplex_generate(
             ids = torch.where(forced.unsqueeze(-1), forced_tok.unsqueeze(-1), ids)
         logps = full_logprobs.gather(-1, ids)
         slot0 = ids[:, 0]
+        open_rows = thinking & alive if static else thinking  # static: a finished row's thinking state stays
         if marker.numel() == 1:
-            closes = thinking & (slot0 == marker[0])
+            closes = open_rows & (slot0 == marker_0)
         else:  # match the marker's token sequence on the slot-0 stream
             recent = torch.cat([recent[:, 1:], slot0.unsqueeze(-1)], dim=-1)
-            closes = thinking & ((recent == marker).all(-1) | (forcing == marker.numel() - 1))
+            closes = open_rows & ((recent == marker).all(-1) | (forcing == marker.numel() - 1))
         ends = torch.isin(slot0, eos)
-        merged = thinking & ~closes & ~ends  # thinking rows that neither close thinking nor end here
+        next_thinking = thinking & ~closes
+        merged = next_thinking & ~ends  # thinking rows that neither close thinking nor end here
         if forced is not None:
             ends = ends & ~forced
             merged = merged & ~forced
@@ -163,18 +168,19 @@ def multiplex_generate(
         weights = torch.where(merged.unsqueeze(-1), weights, one_hot)
         ids = ids.masked_fill(~merged.unsqueeze(-1) & slot_is_pad, pad_token_id)
         step_logp = torch.where(merged, (coefficients(weights) * logps).sum(-1), logps[:, 0])
-        rec_ids[t, rows], rec_w[t, rows], rec_logp[t, rows] = ids, weights, step_logp
-        merged_at[t, rows], closes_at[t, rows] = merged, closes
+        rec_ids[t, rows], rec_w[t, rows], rec_logp[t, rows], merged_at[t, rows] = ids, weights, step_logp, merged
         if forced is not None:
             forced_at[t, rows] = forced
-        valid_at[t, rows] = alive if static else True  # static: finished rows stay in the batch, not in the rollout
-        thought = thought + merged
-        thinking = thinking & ~closes
+        if max_thinking_tokens is not None:
+            thought = thought + merged
+        thinking = next_thinking
 
+        if static:  # fixed shapes: finished rows stay in the batch, and their later positions are not stored
+            lengths = lengths + alive
+            alive = alive & ~ends
         if t == max_new_tokens - 1:
             break
-        if static:  # fixed shapes: finished rows stay and are masked out of the records
-            alive = alive & ~ends
+        if static:
             if (t + 1) % STATIC_STOP_CHECK_EVERY == 0 and not bool(alive.any()):  # a host sync every few steps
                 break
             n_done = 0
@@ -183,6 +189,7 @@ def multiplex_generate(
             if n_done == rows.numel():
                 break
         if n_done:
+            lengths[rows], closed[rows] = t + 1, ~thinking  # final for the rows leaving (the rest: later)
             keep = (~ends).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
             rows, mask, position, thinking, thought, forcing, recent, cold, ids, weights = (
@@ -200,20 +207,22 @@ def multiplex_generate(
         )
         position = position + 1
 
+    closed[rows] = ~thinking  # the rows still in the batch
+    if not static:
+        lengths[rows] = t + 1
     # [T, B, ...] -> [B, T, ...]; static: drop the steps decoded after the last row finished (checked every few steps).
-    length = int(valid_at.any(-1).nonzero().max()) + 1 if static else t + 1
+    length = int(lengths.max()) if static else t + 1
 
     def batch_major(records):
         return records[:length].transpose(0, 1).contiguous()
 
-    completion_mask = batch_major(valid_at)
+    completion_mask = torch.arange(length, device=device) < lengths.unsqueeze(-1)
     real = completion_mask.unsqueeze(-1)
     out_ids = batch_major(rec_ids).masked_fill_(~real, pad_token_id)
     out_w = batch_major(rec_w).masked_fill_(~real, 0.0)
     logprobs = batch_major(rec_logp).masked_fill_(~completion_mask, 0.0)
     thinking_mask = batch_major(merged_at) & completion_mask
     forced_mask = batch_major(forced_at) & completion_mask
-    closed = (batch_major(closes_at) & completion_mask).any(-1)
     return MultiplexRollout(
         ids=out_ids,
         weights=out_w,

@@ -175,16 +175,16 @@ def multiplex_generate(
             thought = thought + merged
         thinking = next_thinking
 
+        last = t == max_new_tokens - 1
         if static:  # fixed shapes: finished rows stay in the batch, and their later positions are not stored
             lengths = lengths + alive
             alive = alive & ~ends
-        if t == max_new_tokens - 1:
-            break
-        if static:
-            if (t + 1) % STATIC_STOP_CHECK_EVERY == 0 and not bool(alive.any()):  # a host sync every few steps
+            if last or ((t + 1) % STATIC_STOP_CHECK_EVERY == 0 and not bool(alive.any())):  # a sync every few steps
                 break
             n_done = 0
         else:
+            if last:
+                break
             n_done = int(ends.sum())  # the one host sync per step
             if n_done == rows.numel():
                 break

@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import Steered, generate_rollout, recompute
 
+from multiplex_trl.rollout import STATIC_STOP_CHECK_EVERY
 from multiplex_trl.testing import LoopOps, tiny_model, tiny_tokenizer
 
 
@@ -153,8 +154,6 @@ def test_rollout_logprobs_match_recompute(tok, model, width, merge):
 def test_loop_cost_per_step_is_flat_in_batch_and_length_with_one_host_sync(tok, model, cache_implementation):
     """The issue's target: no Python-side cost that grows with batch or length, no host sync per step beyond the
     end check. EOS is suppressed so every row runs `steps` positions; the counts are of the ops around the forward."""
-    from multiplex_trl.rollout import STATIC_STOP_CHECK_EVERY
-
     no_eos = torch.zeros(len(tok))
     no_eos[EOS] = -1e4
     counts = {}

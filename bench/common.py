@@ -185,6 +185,48 @@ def time_interleaved(
     return times
 
 
+class ForwardClock:
+    """Seconds spent inside `model`'s forward (pre/post hooks, device synchronised at both), summed until `take()`.
+
+    With it, a rollout's time splits into the model's forward and the loop around it (sampling, bookkeeping, cache and
+    mask updates). Use as a context manager: the hooks are removed on exit.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device, self.seconds, self._start, self._handles = model, device, 0.0, 0.0, []
+
+    def __enter__(self) -> "ForwardClock":
+        self._handles = [self.model.register_forward_pre_hook(self._pre), self.model.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _pre(self, module, args):
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        sync(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        """Forward seconds since the last take(), and restart the count."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+    def timed(self, run: Callable[[], object], record: list[float]) -> Callable[[], object]:
+        """`run`, appending each call's forward seconds to `record` (warmup calls included: they come first)."""
+
+        def call():
+            self.take()
+            run()
+            record.append(self.take())
+
+        return call
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -107,51 +107,37 @@ def count_syncs(run) -> int:
 
 def profile(model, variants, device, steps: int, reps: int) -> list[dict]:
     """Per engine: seconds in the model's forward vs around it, and aten ops / host syncs per decode step."""
-    state = {"t0": 0.0, "fwd": 0.0}
-
-    def pre(module, args):
-        common.sync(device)
-        state["t0"] = time.perf_counter()
-
-    def post(module, args, output):
-        common.sync(device)
-        state["fwd"] += time.perf_counter() - state["t0"]
-
-    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
     totals, forwards = {name: [] for name in variants}, {name: [] for name in variants}
     rows = []
-    try:
+    with common.ForwardClock(model, device) as clock:
         for _ in range(reps):
             for name, run in variants.items():
-                state["fwd"] = 0.0
+                clock.take()
                 common.sync(device)
                 start = time.perf_counter()
                 run()
                 common.sync(device)
                 totals[name].append(time.perf_counter() - start)
-                forwards[name].append(state["fwd"])
-        for name, run in variants.items():
-            with LoopOps(model) as counter:
-                run()
-            outside = counter.around()
-            inside = counter.counts.total() - outside.total()
-            top = outside.most_common(6)
-            total, fwd = common.median(totals[name]), common.median(forwards[name])
-            rows.append(
-                {
-                    "engine": name,
-                    "total ms/step": 1e3 * total / steps,
-                    "forward ms/step": 1e3 * fwd / steps,
-                    "around ms/step": 1e3 * (total - fwd) / steps,
-                    "ops/step in forward": inside / steps,
-                    "ops/step around": outside.total() / steps,
-                    "syncs/step": count_syncs(run) / steps,
-                    "most frequent ops around": ", ".join(f"{op} {n / steps:.1f}" for op, n in top),
-                }
-            )
-    finally:
-        for h in handles:
-            h.remove()
+                forwards[name].append(clock.take())
+    for name, run in variants.items():
+        with LoopOps(model) as counter:
+            run()
+        outside = counter.around()
+        inside = counter.counts.total() - outside.total()
+        top = outside.most_common(6)
+        total, fwd = common.median(totals[name]), common.median(forwards[name])
+        rows.append(
+            {
+                "engine": name,
+                "total ms/step": 1e3 * total / steps,
+                "forward ms/step": 1e3 * fwd / steps,
+                "around ms/step": 1e3 * (total - fwd) / steps,
+                "ops/step in forward": inside / steps,
+                "ops/step around": outside.total() / steps,
+                "syncs/step": count_syncs(run) / steps,
+                "most frequent ops around": ", ".join(f"{op} {n / steps:.1f}" for op, n in top),
+            }
+        )
     return rows
 
 

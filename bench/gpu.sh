@@ -6,6 +6,8 @@
 #   bash bench/gpu.sh fast      # bench/rollout.py --fast: eager vs static cache vs CUDA-graph decode step
 #   bash bench/gpu.sh rollout   # bench/rollout.py: K=3 vs K=1 vs generate (issue 7's targets)
 #   bash bench/gpu.sh hooks     # bench/grad_hooks.py: what piled-up input-grad hooks cost the rollout
+#   bash bench/gpu.sh scaling   # bench/scaling.py: cost per token (total and loop) vs length, time vs K
+#   bash bench/gpu.sh profile   # bench/rollout.py --profile: forward vs loop time, ops and syncs per step
 #
 # Where trl or pytest is not installed, WHEELS names a folder of wheels to put first on the path, leaving the
 # machine's torch alone (trl, transformers, datasets, pytest and their pure-Python dependencies for its Python; see
@@ -17,8 +19,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 stage="${1:-}"
 case "$stage" in
-  tests | fast | rollout | hooks) ;;
-  *) echo "usage: bash bench/gpu.sh tests|fast|rollout|hooks (got '$stage')" >&2; exit 2 ;;
+  tests | fast | rollout | hooks | scaling | profile) ;;
+  *) echo "usage: bash bench/gpu.sh tests|fast|rollout|hooks|scaling|profile (got '$stage')" >&2; exit 2 ;;
 esac
 python="${PYTHON:-python3}"
 if [ -n "${WHEELS:-}" ]; then  # first on the path; the machine's torch stays
@@ -40,6 +42,8 @@ case "$stage" in
   fast) "$python" bench/rollout.py --fast --batch-sizes 8,32,128 "${smollm2[@]}" ;;
   rollout) "$python" bench/rollout.py "${smollm2[@]}" ;;
   hooks) "$python" bench/grad_hooks.py --models tiny,smollm2 "${smollm2[@]}" ;;
+  scaling) "$python" bench/scaling.py --reps 5 ;;
+  profile) "$python" bench/rollout.py --profile --new-tokens 64 --reps 3 "${smollm2[@]}" ;;
 esac
 if [ -n "${OUT:-}" ] && [ "$stage" != tests ]; then
   cp bench/results/*-cuda*.md bench/results/*-cuda*.json "$OUT"/

@@ -107,18 +107,11 @@ def count_syncs(run) -> int:
 
 def profile(model, variants, device, steps: int, reps: int) -> list[dict]:
     """Per engine: seconds in the model's forward vs around it, and aten ops / host syncs per decode step."""
-    totals, forwards = {name: [] for name in variants}, {name: [] for name in variants}
-    rows = []
+    forwards = {name: [] for name in variants}
     with common.ForwardClock(model, device) as clock:
-        for _ in range(reps):
-            for name, run in variants.items():
-                clock.take()
-                common.sync(device)
-                start = time.perf_counter()
-                run()
-                common.sync(device)
-                totals[name].append(time.perf_counter() - start)
-                forwards[name].append(clock.take())
+        timed = {name: clock.timed(run, forwards[name]) for name, run in variants.items()}
+        totals = common.time_interleaved(timed, reps=reps, warmup=0, device=device)
+    rows = []
     for name, run in variants.items():
         with LoopOps(model) as counter:
             run()

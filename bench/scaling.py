@@ -2,8 +2,8 @@
 
 1. Length sweep: multiplex_generate at K=`--width` and `model.generate` (same settings as bench/rollout.py) at each
    completion length; cost per token should stay flat as the length grows (linear total time), and whatever growth
-   there is should be the model's (attention over a longer cache), shared with `generate`: the time outside the
-   model's forward (the loop) is reported on its own, per token.
+   there is should be the model's (attention over a longer cache), shared with `generate`. The time outside the
+   model's forward (the loop) is reported per token on its own.
 2. Width sweep: multiplex_generate at K = 1, 2, 3, 6 at one length; time relative to K=1 should stay near 1.
 
 EOS and end-of-thinking are unreachable ids, so every row decodes every position in the thinking phase.

@@ -366,7 +366,7 @@ def generate(
     `model_or_path`: a model folder, Hub id or "smollm2-135m" (loads model and tokenizer), or a loaded model (then
     pass `tokenizer`). `prompts`: a string, a message list, or a list of either; strings become one user message.
     `mixer`: the token-mixing rule of the thinking phase, one of `multiplex_trl.mixers.MIXERS`: "multiplex" (the
-    default; `merge` "weighted" | "averaged"), "soft" (Soft Thinking, deterministic; `cold_stop_entropy`,
+    default; `merge` "weighted" | "averaged"), "soft" (Soft Thinking, deterministic thinking; `cold_stop_entropy`,
     `cold_stop_steps`), "gumbel" (`gumbel_tau`), "dirichlet" (`dirichlet_gamma`), "mot_distinct". A mixer's own
     parameters are keyword arguments (`**mixer_params`); one the mixer does not take is refused.
     Settings left as None come from, in order: the mixer's paper settings (mixer="soft": Soft Thinking's `Soft.PAPER`,

@@ -8,6 +8,7 @@ from functools import partial
 import torch
 
 from .mixers import Mixer, get_mixer
+from .mixers.base import draw_token
 from .sampling import decode_step, prepare_logits
 from .static_decode import check_decode_options, compiled_decode_step, static_cache
 
@@ -73,6 +74,8 @@ def multiplex_generate(
     forward, next logits' temperature and filters) through `torch.compile` (CUDA graphs on a GPU). Both give the
     same rollout as the default loop up to floating-point rounding (tests/test_fast_decode.py).
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}.")
     check_decode_options(cache_implementation, compile)
     static = cache_implementation == "static"
     if isinstance(mixer, str):
@@ -137,6 +140,8 @@ def multiplex_generate(
 
     for t in range(max_new_tokens):
         ids, weights = mixer.draw(filtered, full_logprobs, generator)  # [b, K]
+        if not mixer.slot0_is_draw:  # answer rows sample their token (a top-k mixer's slot 0 is not a draw)
+            ids = torch.where(thinking.unsqueeze(-1), ids, draw_token(filtered, generator))
         forced = None
         if may_force:  # budget reached, or confident for long enough (cold stop): force the marker from here on
             stop = thought >= max_thinking_tokens if max_thinking_tokens is not None else torch.zeros_like(thinking)
@@ -163,7 +168,9 @@ def multiplex_generate(
             ends = ends & ~forced
             merged = merged & ~forced
             forcing = torch.where(forced, forcing + 1, forcing)
-            forcing = torch.where(forcing >= marker.numel(), -1, forcing)
+            # Done once the marker is complete, or once it closes thinking early: a marker whose prefix is its suffix
+            # ([a, a], "**Answer**") can be completed by the stream's last free token and the first forced one.
+            forcing = torch.where((forcing >= marker.numel()) | closes, -1, forcing)
         # Everything but a merged position is stored and fed one-hot: [tok, pad, ...] with weights [1, 0, ...].
         weights = torch.where(merged.unsqueeze(-1), weights, one_hot)
         ids = ids.masked_fill(~merged.unsqueeze(-1) & slot_is_pad, pad_token_id)

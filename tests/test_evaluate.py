@@ -203,11 +203,12 @@ def test_eval_compares_mixers_side_by_side(eval_args, count_rows, capsys):
     assert multiplex["mixer_params"] == {"merge": "weighted"} and multiplex["temperature"] == 1.0
     for name, metrics in report["results"][next(iter(report["results"]))].items():
         assert metrics["mixer"] == methods[name]["mixer"] and metrics["width"] == 2
-    # Soft Thinking is deterministic: all samples of a problem are one text.
-    texts = defaultdict(set)
+    # Soft Thinking's thinking is deterministic: all samples of a problem think the same text (the answer after the
+    # marker is sampled, as for every mixer).
+    thoughts = defaultdict(set)
     for r in _records(out):
-        texts[(r["method"], r["problem"])].add(r["text"])
-    assert all(len(t) == 1 for (method, _), t in texts.items() if method.startswith("soft"))
+        thoughts[(r["method"], r["problem"])].add((r["thinking_length"], r["text"].split("</think>")[0]))
+    assert all(len(t) == 1 for (method, _), t in thoughts.items() if method.startswith("soft"))
 
     # Adding a method to the same folder draws only its samples; the others resume. A mixer parameter applies to
     # its own mixer (and names the method when it is not the default).

@@ -174,3 +174,47 @@ def test_adding_a_mixer_is_one_subclass(tok, model):
         assert r.completion_ids[0, :n].tolist() == greedy[:n].tolist()
     finally:
         MIXERS.pop("test_greedy")
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_answer_phase_samples_the_policy_for_every_mixer(tok, model, name):
+    """METHOD.md 2: after the marker decoding is ordinary sampling, whatever the thinking phase's mixer. Top-k mixers
+    (soft, gumbel, dirichlet) used to take their slot 0 there: greedy, or never a token outside the top K."""
+    marker = tok.convert_tokens_to_ids("</think>")
+    toks = list(range(17, 22))
+    pi = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.10])
+
+    def bias(step):  # step 0: the marker; step 1 (the first answer position): pi over five tokens
+        v = torch.full((len(tok),), -1e4)
+        if step == 0:
+            v[marker] = 1e4
+        else:
+            v[toks] = pi.log()
+        return v
+
+    class Replaced(Steered):  # the scripted logits replace the model's, so the distribution is exactly pi
+        def forward(self, **kwargs):
+            out = super().forward(**kwargs)
+            out.logits[:, -1] = self.bias(self.step - 1)
+            return out
+
+    input_ids, mask = chat_batch(tok, ["q"])
+    n = 4000
+    torch.manual_seed(0)
+    r = multiplex_generate(
+        Replaced(model, bias),
+        input_ids.repeat(n, 1),
+        mask.repeat(n, 1),
+        width=3,
+        mixer=name,
+        max_new_tokens=2,
+        thinking_end_ids=[marker],
+        eos_token_ids=[1],
+        pad_token_id=0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert (r.ids[:, 0, 0] == marker).all() and not r.thinking_mask[:, 1].any()
+    answer = r.ids[:, 1, 0]
+    freq = torch.stack([(answer == t).float().mean() for t in toks])
+    assert 0.5 * (freq - pi).abs().sum().item() < 0.04, (name, freq.tolist())  # top-k answers: TV >= 0.2
+    assert torch.allclose(r.logprobs[:, 1], pi.log()[answer - toks[0]], atol=1e-5)

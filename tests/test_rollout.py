@@ -103,6 +103,31 @@ def test_thinking_budget_forces_the_marker(tok, model):
     assert r.closed.all()
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_a_forced_marker_that_closes_early_is_not_forced_into_the_answer(cache_implementation):
+    """A marker whose prefix is its suffix ([a, a]) can be completed by the stream's last free token and the first
+    forced one: thinking closes there, and the rest of the marker is not forced into the answer."""
+    tok2 = tiny_tokenizer(with_think_token=False)
+    model2 = tiny_model(tok2).eval()
+    a, x, y = (_ids(tok2, c)[0] for c in "axy")
+    free = {0: x, 1: x, 2: a}  # the budget (3) is reached with the stream ending in 'a'
+    steered = Steered(model2, _force(len(tok2), lambda s: free.get(s, y if s < 8 else EOS)))
+    r, _, _ = generate_rollout(
+        steered, tok2, ["q"], thinking_end_ids=[a, a], max_thinking_tokens=3, max_new_tokens=12,
+        cache_implementation=cache_implementation,
+    )  # fmt: skip
+    assert tok2.decode(r.completion_ids[0, : r.lengths()[0]]) == "xxaayyyy<eos>"
+    assert r.thinking_mask[0].tolist() == [True] * 3 + [False] * 6
+    assert r.forced_mask[0].tolist() == [False] * 3 + [True] + [False] * 5
+    assert r.closed.tolist() == [True]
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_zero_new_tokens_is_refused(tok, model, cache_implementation):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        generate_rollout(model, tok, ["q"], max_new_tokens=0, cache_implementation=cache_implementation)
+
+
 def test_finished_rows_are_padded_and_stop_costing_compute(tok, model):
     a = _ids(tok, "a")[0]
 

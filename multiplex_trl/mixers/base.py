@@ -21,6 +21,10 @@ class Mixer:
     name: ClassVar[str]
     trainable: ClassVar[bool] = False
     why_not_trainable: ClassVar[str] = ""
+    # Whether slot 0 is an exact draw from the filtered policy. When it is not (the top-k mixers: soft, gumbel,
+    # dirichlet), the rollout draws each answer-phase token on its own, so decoding after the marker is ordinary
+    # sampling (METHOD.md 2) and a trained answer token's stored log-prob is that of a token the policy drew.
+    slot0_is_draw: ClassVar[bool] = False
     # Soft Thinking's "cold stop": force the marker after `cold_stop_steps` positions with entropy below this.
     cold_stop_entropy: float | None = None
     cold_stop_steps: int = 256
@@ -48,6 +52,12 @@ def top_slots(filtered: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.T
     probs = filtered.softmax(-1)
     p, ids = probs.topk(width, dim=-1)
     return ids, p / p.sum(-1, keepdim=True)
+
+
+def draw_token(filtered: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row [B, 1] from the filtered distribution (two draws, the first kept: torch's one-sample path
+    costs two host syncs)."""
+    return torch.multinomial(filtered.softmax(-1), 2, replacement=True, generator=generator)[:, :1]
 
 
 def representative_first(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

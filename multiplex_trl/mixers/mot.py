@@ -9,6 +9,7 @@ from .gumbel import gumbel_noise
 class MoTDistinct(Mixer):
     name = "mot_distinct"
     trainable = True
+    slot0_is_draw = True
 
     def draw(self, filtered, full_logprobs, generator):
         # Gumbel-top-k == sequential sampling without replacement; slot 0 is an exact draw from the filtered policy.

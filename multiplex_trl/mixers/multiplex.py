@@ -23,6 +23,7 @@ def merge_weights(logps: torch.Tensor, merge: str) -> torch.Tensor:
 class Multiplex(Mixer):
     name = "multiplex"
     trainable = True
+    slot0_is_draw = True
 
     def __init__(self, width: int, merge: str = "weighted"):
         super().__init__(width)

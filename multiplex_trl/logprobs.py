@@ -12,6 +12,7 @@ where z_j = h . W[k_j] is one dot product per slot, so K costs no extra vocabula
 from __future__ import annotations
 
 import types
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,7 @@ def add_multiplex_head(model) -> None:
         multiplex_completion_mask=None,  # [B, T]
         multiplex_temperature=1.0,
         multiplex_entropy=False,
+        multiplex_fp32_head=False,
         **kwargs,
     ):
         if multiplex_ids is None:
@@ -107,6 +109,7 @@ def add_multiplex_head(model) -> None:
             scale=scale,
             softcap=softcap,
             entropy=multiplex_entropy,
+            fp32_head=multiplex_fp32_head,
         )
 
     model.forward = types.MethodType(forward, model)
@@ -170,14 +173,22 @@ def _transform(y, scale, softcap, temperature):
     return softcap * t / temperature, scale * (1 - t * t) / temperature
 
 
-def _score_slots(lm_head, hidden, ids, coefs, valid, *, temperature, scale, softcap, entropy) -> MultiplexLogProbs:
-    """Factorised log-probs (and entropies) of the `valid` positions [B, T] of `ids` [B, T, K] with `coefs`."""
+def _score_slots(
+    lm_head, hidden, ids, coefs, valid, *, temperature, scale, softcap, entropy, fp32_head=False
+) -> MultiplexLogProbs:
+    """Factorised log-probs (and entropies) of the `valid` positions [B, T] of `ids` [B, T, K] with `coefs`.
+
+    `fp32_head`: TRL's `cast_lm_head_to_fp32` (the head runs on float32 hidden states, outside autocast).
+    """
     rows = valid.flatten().nonzero().squeeze(-1)  # [N] the one host sync: the number of scored positions
     h = hidden.flatten(0, 1).index_select(0, rows)  # [N, H]
     slots = ids.flatten(0, 1).index_select(0, rows)  # [N, K]
     coefs = coefs.flatten(0, 1).index_select(0, rows).float()  # [N, K]
     weight, bias = lm_head.weight, lm_head.bias
-    with maybe_gather_lm_head_ctx(weight, bias):
+    autocast = nullcontext()
+    if fp32_head:
+        h, autocast = h.float(), torch.autocast(h.device.type, enabled=False)
+    with autocast, maybe_gather_lm_head_ctx(weight, bias):
         total, ent = SlotLogProbs.apply(
             h, weight, bias, slots, coefs, temperature, scale, softcap, ("entropy",) if entropy else ()
         )
@@ -218,12 +229,14 @@ def multiplex_logprobs(
     compute_entropy: bool = False,
     batch_size: int | None = None,
     mixer: Mixer | str = "multiplex",
+    cast_lm_head_to_fp32: bool = False,
 ):
     """Per-position log-probs [B, T] of stored multiplex completions (and entropies [B, T] when asked), in autograd.
 
     `input_ids`/`attention_mask` are the left-padded prompts [B, P]; `ids`/`weights` [B, T, K] the stored slots.
     Without `thinking_mask`, every position is scored on slot 0 only (a discrete completion). `mixer` sets how
     thinking slots count (multiplex: all K; MoT-G mixers: by their weights). Chunks the batch like TRL.
+    `cast_lm_head_to_fp32` scores with the LM head in float32 outside autocast, as TRL's option of that name does.
     """
     add_multiplex_head(unwrap_model(model))
     coefs = slot_coefficients(weights, completion_mask, thinking_mask, mixer)
@@ -243,6 +256,7 @@ def multiplex_logprobs(
             multiplex_completion_mask=completion_mask[rows],
             multiplex_temperature=temperature,
             multiplex_entropy=compute_entropy,
+            multiplex_fp32_head=cast_lm_head_to_fp32,
         )
         logps.append(out.log_probs)
         entropies.append(out.entropy)

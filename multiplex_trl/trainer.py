@@ -351,6 +351,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                 compute_entropy=compute_entropy,
                 batch_size=batch_size,
                 mixer=self.mixer,
+                cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
             )
         logps, entropies = out if compute_entropy else (out, None)
         return logps, entropies, None

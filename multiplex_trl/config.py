@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
 from .mixers import MERGES, MIXERS, mixer_from_config
+from .mixers.base import constructor_defaults
 from .static_decode import check_decode_options
 
 
@@ -110,6 +111,7 @@ class MultiplexGRPOConfig(GRPOConfig):
             raise ValueError(f"multiplex_width must be an integer >= 1 (1 = discrete GRPO), got {width!r}.")
         if not isinstance(self.thinking_end, str) or not self.thinking_end:
             raise ValueError(f"thinking_end must be a non-empty string such as '</think>', got {self.thinking_end!r}.")
+        _check_other_mixers_fields(self)
         mixer = mixer_from_config(self)  # validates the mixer name and its parameters (multiplex_merge included)
         if not mixer.trainable:
             raise ValueError(
@@ -120,6 +122,13 @@ class MultiplexGRPOConfig(GRPOConfig):
             raise ValueError(f"reward_error must be 'raise' or 'none', got {self.reward_error!r}.")
         if self.top_p is None or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (or None), got {self.min_p!r}.")
+        # TRL divides by these before its own checks (ZeroDivisionError) or fails only once the model is loaded.
+        for name in ("num_generations", "num_iterations", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
         if self.temperature is None or self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (multiplex rollouts sample), got {self.temperature!r}.")
         budget = self.max_thinking_tokens
@@ -138,15 +147,63 @@ class MultiplexGRPOConfig(GRPOConfig):
             )
         if not self.use_vllm:  # the multiplex rollout runs its own decode loop
             check_decode_options(self.cache_implementation, self.multiplex_compile)
-        if width > 1 and self.repetition_penalty != 1.0:
-            raise ValueError("repetition_penalty is not supported by the multiplex rollout: set it to 1.0.")
+        if not self.use_vllm and self.repetition_penalty != 1.0:  # the multiplex rollout runs at width 1 too
+            raise ValueError(
+                "repetition_penalty is not supported by the multiplex rollout: set it to 1.0 (or use_vllm=True with "
+                "multiplex_width=1)."
+            )
         super().__post_init__()
+        if not self.use_vllm:  # after GRPOConfig's parsing of dict fields given as JSON strings
+            _check_generation_kwargs(self.generation_kwargs)
+            if self.use_transformers_continuous_batching:
+                raise ValueError(
+                    "use_transformers_continuous_batching does not apply: the multiplex rollout runs its own decode "
+                    "loop; set it to False (cache_implementation='static' is its fixed-shape loop)."
+                )
         if self.multiplex_compile and _shards_parameters(self):
             raise ValueError(
                 "multiplex_compile=True cannot run under DeepSpeed ZeRO-3 or FSDP (the parameters are gathered anew "
                 "for every generation, so a compiled step would hold stale ones): set multiplex_compile=False "
                 "(cache_implementation='static' alone is fine) or use ZeRO-2 / DDP."
             )
+
+
+# Sampling keys of `generation_kwargs` the multiplex rollout applies (over the fields of the same name), as TRL's
+# generate path does; `do_sample=True` is what it does anyway.
+ROLLOUT_GENERATION_KWARGS = ("top_p", "top_k", "min_p")
+
+
+def _check_generation_kwargs(kwargs) -> None:
+    if not kwargs:
+        return
+    other = sorted(k for k in kwargs if k not in ROLLOUT_GENERATION_KWARGS and not (k == "do_sample" and kwargs[k]))
+    if other:
+        raise ValueError(
+            f"generation_kwargs {other} cannot be applied by the multiplex rollout, which takes only "
+            f"{list(ROLLOUT_GENERATION_KWARGS)} from them: remove the others (temperature, repetition_penalty and "
+            "max_completion_length are fields of their own)."
+        )
+    top_p, min_p = kwargs.get("top_p", 1.0), kwargs.get("min_p", 0.0)
+    if top_p is None or not 0.0 < top_p <= 1.0 or (min_p is not None and not 0.0 <= min_p <= 1.0):
+        raise ValueError(f"generation_kwargs: top_p must be in (0, 1] and min_p in [0, 1], got {kwargs!r}.")
+
+
+def _check_other_mixers_fields(args) -> None:
+    """A mixer parameter set away from its default while another mixer is chosen would be silently ignored."""
+    chosen = getattr(args, "mixer", "multiplex")
+    defaults = {f.name: f.default for f in fields(args)}
+    for name in sorted(MIXERS):
+        if name == chosen:
+            continue
+        for param in constructor_defaults(name):
+            if chosen in MIXERS and param in constructor_defaults(chosen):
+                continue
+            field_name = next((f for f in (param, f"multiplex_{param}") if f in defaults), None)
+            if field_name is not None and getattr(args, field_name) != defaults[field_name]:
+                raise ValueError(
+                    f"{field_name} applies to mixer={name!r} only, but mixer is {chosen!r}: remove it, or set "
+                    f"mixer={name!r}."
+                )
 
 
 def _shards_parameters(args) -> bool:

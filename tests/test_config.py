@@ -31,12 +31,45 @@ def test_defaults_are_the_papers():
         ({"repetition_penalty": 1.2}, "repetition_penalty is not supported"),
         ({"cache_implementation": "offloaded"}, "cache_implementation must be one of"),
         ({"multiplex_compile": True}, "set cache_implementation='static'"),
+        ({"multiplex_width": 1, "repetition_penalty": 1.2}, "repetition_penalty is not supported"),  # width 1 too
+        ({"min_p": 2.0}, r"min_p must be in \[0, 1\]"),
+        ({"num_generations": 0}, "num_generations must be an integer >= 1"),  # TRL: ZeroDivisionError
+        ({"num_iterations": 0}, "num_iterations must be an integer >= 1"),  # TRL: zero training steps
+        ({"max_completion_length": 0}, "max_completion_length must be an integer >= 1"),
+        ({"generation_kwargs": {"temperature": 0.5}}, r"generation_kwargs \['temperature'\] cannot be applied"),
+        ({"generation_kwargs": '{"top_p": 0}'}, r"generation_kwargs: top_p must be in \(0, 1\]"),
+        ({"use_transformers_continuous_batching": True}, "use_transformers_continuous_batching does not apply"),
+        ({"gumbel_tau": 0.3}, "gumbel_tau applies to mixer='gumbel' only, but mixer is 'multiplex'"),
+        ({"cold_stop_entropy": 0.01}, "cold_stop_entropy applies to mixer='soft' only"),
+        ({"mixer": "dirichlet", "multiplex_merge": "averaged"}, "multiplex_merge applies to mixer='multiplex' only"),
     ],
 )
 def test_bad_config_is_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         _config(**kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_generation_kwargs_set_the_rollouts_sampling(tok, model):
+    """TRL's generation_kwargs override top_p / top_k / min_p; the multiplex rollout ignored them."""
+    from datasets import Dataset
+
+    args = _config(generation_kwargs={"top_k": 1, "do_sample": True}, max_completion_length=12, num_generations=4)
+    args.per_device_train_batch_size = 4
+    trainer = MultiplexGRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1?"}]] * 4}),
+        processing_class=tok,
+    )
+    assert trainer.top_k == 1
+    batch = trainer._generate_and_score_completions([{"prompt": [{"role": "user", "content": "1+1?"}]}] * 4)
+    assert (batch["completion_ids"] == batch["completion_ids"][:1]).all()  # top-k 1: greedy, one text
+    assert (
+        batch["multiplex_ids"][..., 1:][batch["thinking_mask"]]
+        == batch["multiplex_ids"][..., :1][batch["thinking_mask"]]
+    ).all()
 
 
 def test_unencodable_marker_is_refused_before_the_model_loads(tiny_model_dir, monkeypatch):

@@ -11,9 +11,11 @@ The YAML sets defaults and flags override them (TRL's `TrlParser`). Everything t
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 
+import yaml
 from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
@@ -21,7 +23,7 @@ from . import hub
 from .config import MultiplexGRPOConfig
 from .data import load_prompts
 from .inference import find_model
-from .rewards import get_reward_funcs, set_thinking_end
+from .rewards import check_reward_columns, get_reward_funcs, set_thinking_end
 from .trainer import MultiplexGRPOTrainer
 
 
@@ -75,14 +77,37 @@ class ScriptArguments:
         default=False,
         metadata={"help": "Push every saved checkpoint to its own Hub branch 'step-<N>' (PushRevisionCallback)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an output_dir that holds a finished run: its contents are deleted first. Without it "
+            "such a folder is refused (a crash would leave the old weights beside the new run's settings)."
+        },
+    )
 
 
 class ConfigError(ValueError):
     """A recipe or flag that cannot work; raised before the model is loaded. The CLI prints it as one line."""
 
 
+# Files a finished run leaves in output_dir (the final save); checkpoints alone are a run to resume.
+FINISHED_RUN_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "adapter_model.safetensors",
+)
+# Exit status of a run stopped by SIGTERM (128 + 15, the shell's convention): its checkpoint is saved, it is not done.
+PREEMPTED_EXIT = 143
+
+
+class _Parser(TrlParser):
+    def error(self, message):  # argparse prints its whole usage (hundreds of options) before the message
+        raise ConfigError(message)
+
+
 def make_parser() -> TrlParser:
-    return TrlParser((ScriptArguments, MultiplexGRPOConfig, ModelConfig))
+    return _Parser((ScriptArguments, MultiplexGRPOConfig, ModelConfig))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, MultiplexGRPOConfig, ModelConfig]:
@@ -91,10 +116,54 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, Multiple
         return make_parser().parse_args_and_config(argv)
     except ValueError as error:  # MultiplexGRPOConfig / GRPOConfig validation, unknown keys
         raise ConfigError(str(error)) from error
+    except OSError as error:  # the recipe file
+        raise ConfigError(f"--config: cannot read the recipe: {error}") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config: the recipe is not valid YAML: {' '.join(str(error).split())}") from error
+
+
+def _check_types(script_args: ScriptArguments, training_args: MultiplexGRPOConfig) -> None:
+    """Recipe values keep their YAML type (argparse converts only strings): a number where a name belongs, one name
+    where a list belongs."""
+    for name in ("dataset_name", "dataset_config", "dataset_split", "prompt_template", "system_prompt"):
+        value = getattr(script_args, name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}.")
+    samples = script_args.max_train_samples
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int)):
+        raise ConfigError(f"max_train_samples must be an integer, got {samples!r}.")
+    funcs = script_args.reward_funcs
+    if not isinstance(funcs, list) or not all(isinstance(f, str) for f in funcs):
+        raise ConfigError(f"reward_funcs must be a list of names, e.g. ['accuracy'], got {funcs!r}.")
+    weights = training_args.reward_weights
+    if weights is not None and (
+        not isinstance(weights, list)
+        or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+    ):
+        raise ConfigError(f"reward_weights must be a list of numbers, one per reward function, got {weights!r}.")
+
+
+def _check_output_dir(script_args: ScriptArguments, training_args: MultiplexGRPOConfig) -> None:
+    """Refuse an output_dir that holds a finished run (unless resuming it or asked to overwrite it); overwrite it."""
+    output_dir = training_args.output_dir
+    finished = [f for f in FINISHED_RUN_FILES if os.path.isfile(os.path.join(output_dir, f))]
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() not in ("true", "false") and not os.path.isdir(resume):
+        raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a folder (a checkpoint-<step> folder).")
+    if not finished or resume:
+        return
+    if not script_args.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {output_dir!r} holds a finished run ({finished[0]}): choose another output_dir, resume it "
+            "with resume_from_checkpoint, or pass --overwrite_output_dir true to delete it first."
+        )
+    if int(os.environ.get("RANK", "0")) == 0:  # one process deletes; the others write nothing there before training
+        shutil.rmtree(output_dir)
 
 
 def validate(script_args: ScriptArguments, training_args: MultiplexGRPOConfig, model_args: ModelConfig) -> None:
     """The cheap checks: required fields, reward weights, LoRA-only options, pushing while offline."""
+    _check_types(script_args, training_args)
     if not model_args.model_name_or_path:
         raise ConfigError("model_name_or_path is required (a Hub id, a local folder, or 'smollm2-135m').")
     if not script_args.dataset_name:
@@ -132,8 +201,17 @@ def main(argv: list[str] | None = None) -> str:
             max_samples=script_args.max_train_samples,
             seed=training_args.seed,
         )
+        check_reward_columns(reward_funcs, script_args.reward_funcs, dataset.column_names, script_args.dataset_name)
     except ValueError as error:  # missing model, unknown dataset / split / reward: one line, before the model
         raise ConfigError(str(error)) from error
+    per_generation = training_args.generation_batch_size // training_args.num_generations
+    if len(dataset) < per_generation:  # TRL's sampler drops an incomplete batch: the run would train no step
+        raise ConfigError(
+            f"the dataset has {len(dataset)} prompts but one generation batch takes {per_generation} "
+            f"(generation_batch_size {training_args.generation_batch_size} / num_generations "
+            f"{training_args.num_generations}): no step could run; give more prompts or a smaller batch."
+        )
+    _check_output_dir(script_args, training_args)
     set_thinking_end(training_args.thinking_end)  # the rewards grade the text after the marker
 
     # As TRL's grpo script: the trainer loads the model from its path with these kwargs (ZeRO-3 init included).
@@ -167,6 +245,13 @@ def main(argv: list[str] | None = None) -> str:
         callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.preempted:  # SIGTERM: the checkpoint is saved; no final save or push, which would look finished
+        checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
+        trainer.accelerator.print(
+            f"Stopped by SIGTERM at step {trainer.state.global_step}: resume with --resume_from_checkpoint {checkpoint}."
+        )
+        trainer.end()
+        raise Preempted(checkpoint)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()  # trainer_state.json: the per-step log history that reports and plots read
@@ -179,13 +264,20 @@ def main(argv: list[str] | None = None) -> str:
     return folder
 
 
+class Preempted(Exception):
+    """The run was stopped by SIGTERM after saving the checkpoint this names; it is not finished."""
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """`main` with configuration errors printed as one line (exit status 2) instead of a traceback."""
+    """`main` with configuration errors printed as one line (exit status 2) instead of a traceback; a run stopped by
+    SIGTERM exits with 143 (its checkpoint saved)."""
     try:
         main(argv)
     except ConfigError as error:
         print(f"multiplex-trl grpo: error: {error}", file=sys.stderr)
         return 2
+    except Preempted:
+        return PREEMPTED_EXIT
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import json
 import logging
 import re
@@ -135,6 +136,35 @@ REWARD_FUNCS: dict[str, Callable[..., list[float | None]]] = {
 def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float | None]]]:
     """Look each name up in REWARD_FUNCS, else import it as a dotted path `package.module.function`."""
     return [_get_reward_func(name) for name in names]
+
+
+# Keyword arguments TRL passes to every reward function besides the dataset's columns.
+TRL_REWARD_KWARGS = {
+    "prompts",
+    "completions",
+    "completion_ids",
+    "trainer_state",
+    "log_extra",
+    "log_metric",
+    "environments",
+}
+
+
+def check_reward_columns(funcs: list[Callable], names: list[str], columns: list[str], dataset_name: str) -> None:
+    """Refuse a reward whose required arguments are not dataset columns: TRL would call it with the columns only, and
+    it would fail at the first step, after the model is loaded and a rollout is drawn."""
+    for func, name in zip(funcs, names):
+        try:
+            params = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):  # a builtin or C function: nothing to check
+            continue
+        for param in params:
+            required = param.default is param.empty and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+            if required and param.name not in TRL_REWARD_KWARGS and param.name not in columns:
+                raise ValueError(
+                    f"reward {name!r} needs the dataset column {param.name!r}, which dataset {dataset_name!r} lacks "
+                    f"(columns: {sorted(columns)}): choose a reward that fits this dataset, or another dataset."
+                )
 
 
 def _get_reward_func(name: str) -> Callable[..., list[float | None]]:

@@ -208,9 +208,15 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             else guard_reward(f, args.reward_error)
             for f in self.reward_funcs
         ]
-        self.add_callback(SaveOnSigterm())
+        self._sigterm = SaveOnSigterm()
+        self.add_callback(self._sigterm)
         self._rollout = None  # slots of the current generation batch, set by _generate_single_turn
         self._active_slots = None  # (ids, weights, thinking_mask) of the rows being scored
+
+    @property
+    def preempted(self) -> bool:
+        """Whether the last `train()` stopped early on SIGTERM (its checkpoint saved)."""
+        return self._sigterm.requested
 
     # --- generation ---------------------------------------------------------------------------------------------
 

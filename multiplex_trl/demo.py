@@ -184,8 +184,14 @@ def main(argv=None) -> int:
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    # A run that fails must not leave the last run's report and chart looking like its own.
+    for stale in ("report.md", "training.png"):
+        (output / stale).unlink(missing_ok=True)
     widths = [1, 3] if args.compare else [args.width or recipe.get("multiplex_width", 3)]
-    problems = held_out_problems(recipe)
+    try:
+        problems = held_out_problems(recipe)
+    except ValueError as error:  # the recipe's dataset settings: one line, before any model loads
+        fail(str(error))
     report = [
         f"# Multiplex GRPO demo: {Path(model_path).name}\n",
         f"Recipe `{recipe_path}`; task `{recipe['dataset_name']}`; marker `{recipe['thinking_end']}` "

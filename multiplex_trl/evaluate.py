@@ -33,6 +33,7 @@ from .inference import (
     Decoding,
     UsageError,
     add_decoding_arguments,
+    check_count,
     check_engine,
     check_mixer_params,
     decode_batch,
@@ -245,6 +246,8 @@ def evaluate(
     sample index) are kept and not drawn again. `cache_implementation` / `compile`: the decode loop (see
     `multiplex_trl.generate`); they change speed, not what a sample is. Returns the content of results.json.
     """
+    check_count("n", n)
+    check_count("batch_size", batch_size)  # before the output folder: a refused run leaves no results.json
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     samples_path = output / SAMPLES_FILE
@@ -448,8 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     """`multiplex-trl eval`: check everything cheap, load the data, then the model, sample, grade and report."""
     args = build_parser().parse_args(argv)
     try:
-        if args.n < 1:
-            raise UsageError(f"--n must be >= 1, got {args.n}.")
+        check_count("--n", args.n)
+        check_count("--batch-size", args.batch_size)
         ks = parse_ks(args.k, args.n)
         for name in args.dataset:
             check_dataset_name(name)

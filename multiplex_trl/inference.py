@@ -141,6 +141,12 @@ class Decoding:
         return f"{self.mixer}({', '.join([f'K={self.width}', *changed])})"
 
 
+def check_count(name: str, value: int) -> None:
+    """Refuse a count below 1 (samples per prompt, rows per batch) as a UsageError, before any model loads."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
 def resolve_decoding(saved: dict | None, mixer_params: dict | None = None, **explicit) -> Decoding:
     """Each setting from: explicit (non-None) arguments, else the mixer's paper settings (`Soft.PAPER`), else the
     model's saved multiplex_config.json, else DEFAULTS (a mixer parameter: the mixer's own default).
@@ -375,6 +381,8 @@ def generate(
     `cache_implementation="static"` decodes with a static KV cache and `compile=True` compiles its decode step (CUDA
     graphs on a GPU): same rollouts up to rounding, for long generations on a GPU (bench/results/rollout*.md).
     """
+    check_count("num_samples", num_samples)
+    check_count("batch_size", batch_size)
     check_engine(cache_implementation, compile)
     if isinstance(model_or_path, (str, os.PathLike)):
         path = find_model(str(model_or_path))
@@ -622,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     """`multiplex-trl generate`: print the answer of each sample (and with --show-branches the branched thinking)."""
     args = build_parser().parse_args(argv)
     try:
+        check_count("--num-samples", args.num_samples)
+        check_count("--batch-size", args.batch_size)
         path = find_model(args.model)
         given = mixer_arguments(args)
         decoding = resolve_decoding(

@@ -123,3 +123,44 @@ def test_clean_answer():
     assert clean_answer("so $\\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"
     assert clean_answer(" 7 ") == "7"
     assert "{problem}" in PROMPT_TEMPLATE
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("bogus_key=3", r"dataset_config keys \['bogus_key'\] are not options of .*'basic_arithmetic'.*'max_digits'"),
+        ("size=3", r"keys \['size'\] are not options"),  # size and seed come from max_samples and seed
+        ("max_digits=abc", r"dataset_config \{'max_digits': 'abc'\} does not suit .*: '>=' not supported"),
+        ("min_terms=5,max_terms=2", "does not suit reasoning_gym task 'basic_arithmetic': max_terms must be >= min"),
+    ],
+    ids=["unknown key", "size", "string for a number", "min above max"],
+)
+def test_bad_reasoning_gym_config_is_one_line_value_error(config, message):
+    with pytest.raises(ValueError, match=message) as error:
+        load_prompts("reasoning_gym:basic_arithmetic", dataset_config=config, max_samples=2)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda path: path.write_text('{"problem": "p", "answer": "1"}\n{not json\n'), "JSON parse error"),
+        (lambda path: path.mkdir(), "doesn't contain any data files"),
+    ],
+    ids=["corrupt jsonl", "empty folder"],
+)
+def test_unreadable_local_dataset_is_one_line_value_error(tmp_path, write, message):
+    path = tmp_path / "data.jsonl"
+    write(path)
+    with pytest.raises(ValueError, match=rf"dataset_name '{path}' could not be read \(.*{message}") as error:
+        load_prompts(str(path))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["math500", "gsm8k", "math", "local"])
+def test_dataset_config_for_a_source_without_configs_is_refused(tmp_path, name):
+    if name == "local":
+        name = str(tmp_path / "toy.jsonl")
+        datasets.Dataset.from_list([{"problem": "p", "answer": "1"}]).to_json(name)
+    with pytest.raises(ValueError, match=r"dataset_config='max_terms=2' is not used by dataset .*: remove it"):
+        load_prompts(name, dataset_config="max_terms=2", max_samples=1)

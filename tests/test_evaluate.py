@@ -146,10 +146,24 @@ def test_eval_end_to_end_and_resume(eval_args, count_rows, capsys):
             "Unknown mixer 'coconut'; known: ['dirichlet', 'gumbel', 'mot_distinct', 'multiplex'",
         ),
         ({"--gumbel-tau": "0.3"}, "gumbel_tau is a parameter of mixer 'gumbel', not of 'multiplex'"),
+        ({"--batch-size": "0"}, "--batch-size must be an integer >= 1, got 0."),
+        ({"--dataset-config": "max_terms=2"}, "dataset_config='max_terms=2' is not used by dataset"),
+        (
+            {"--dataset": "reasoning_gym:basic_arithmetic", "--dataset-config": "bogus_key=3"},
+            "dataset_config keys ['bogus_key'] are not options of reasoning_gym task 'basic_arithmetic'",
+        ),
+        (
+            {"--dataset": "reasoning_gym:basic_arithmetic", "--dataset-config": "max_digits=abc"},
+            "dataset_config {'max_digits': 'abc'} does not suit reasoning_gym task 'basic_arithmetic'",
+        ),
+        (
+            {"--dataset": "reasoning_gym:basic_arithmetic", "--dataset-config": "min_terms=5,max_terms=2"},
+            "max_terms must be >= min_terms",
+        ),
     ],
 )
 def test_eval_bad_input_is_refused_before_loading(eval_args, monkeypatch, capsys, change, message):
-    args, _ = eval_args
+    args, out = eval_args
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
@@ -165,6 +179,14 @@ def test_eval_bad_input_is_refused_before_loading(eval_args, monkeypatch, capsys
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing written that looks like a run
+
+
+@pytest.mark.parametrize("n, batch_size, message", [(4, 0, "batch_size"), (0, 4, "n")], ids=["batch_size", "n"])
+def test_evaluate_refuses_counts_below_one_before_writing(tmp_path, n, batch_size, message):
+    with pytest.raises(UsageError, match=f"^{message} must be an integer >= 1, got 0"):
+        evaluate.evaluate(None, None, {}, {}, n=n, ks=[1], output_dir=tmp_path / "out", batch_size=batch_size)
+    assert not (tmp_path / "out").exists()
 
 
 def test_raising_n_draws_fresh_samples(eval_args):

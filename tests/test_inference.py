@@ -271,3 +271,22 @@ def test_mixer_settings_names_and_refusals(tok, model):
         generate(model, "hi", tokenizer=tok, mixer="soft", merge="averaged")
     with pytest.raises(UsageError, match="Unknown mixer parameter 'tau'"):
         generate(model, "hi", tokenizer=tok, mixer="gumbel", tau=0.3)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0."),
+        (["--num-samples", "0"], "--num-samples must be an integer >= 1, got 0."),
+        (["--num-samples", "-1"], "--num-samples must be an integer >= 1, got -1."),
+    ],
+    ids=["batch size 0", "0 samples", "-1 samples"],
+)
+def test_generate_refuses_counts_below_one_before_loading(tiny_model_dir, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(inference, "load_model", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    assert inference.main(["--model", tiny_model_dir, "--prompt", "hi", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    name, value = flags[0][2:].replace("-", "_"), int(flags[1])
+    with pytest.raises(UsageError, match=f"{name} must be an integer >= 1, got {value}"):
+        generate(tiny_model_dir, "hi", **{name: value})

@@ -64,14 +64,15 @@ def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[floa
 
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> list:
-    # A bare answer ("18", "\frac{1}{2}") needs math delimiters to be read as LaTeX.
-    text = gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
+    # A bare answer ("18", "\frac{1}{2}") needs math delimiters to be read as LaTeX; an escaped dollar ("\$18.90",
+    # MATH's money) is not one, and without them math-verify reads nothing, so every sample would score None.
+    text = gold if re.search(r"(?<!\\)\$", gold) or "\\boxed" in gold else f"${gold}$"
     return parse(text, parsing_timeout=None)
 
 
 def extract_final(text: str) -> str:
     """The final answer in an answer phase: the last \\boxed{...}, else the last <answer>...</answer>, else the last
-    non-empty line with any "Answer:" / "The answer is" lead-in removed."""
+    non-empty line with any "Answer:" / "The answer is" lead-in (and a closing period) removed."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
@@ -81,7 +82,11 @@ def extract_final(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return ""
-    return re.sub(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", "", lines[-1], flags=re.IGNORECASE).strip()
+    return LEAD_IN.sub("", lines[-1]).strip().removesuffix(".").strip()
+
+
+# "Answer: X", "The final answer is: X", "**Answer:** X": the lead-in before a final answer on its line.
+LEAD_IN = re.compile(r"^[*_\s]*(?:the\s+)?(?:final\s+)?answer(?![a-z])[*_\s]*(?:is\b)?[*_\s]*:?[*_\s]*", re.IGNORECASE)
 
 
 def last_boxed(text: str) -> str | None:

@@ -70,6 +70,18 @@ def test_extract_final():
     assert extract_final("work\n\nAnswer: 42\n") == "42"
     assert extract_final("work\nThe final answer is 7") == "7"
     assert extract_final("") == ""
+    # lead-ins with a colon after "is", markdown, a closing period: all left ': X' or 'X.' behind (partial credit)
+    for line in ("The answer is: 5", "The final answer is: 5", "**Answer:** 5", "Answer: 5.", "__Answer__: 5"):
+        assert extract_final(f"work\n{line}") == "5", line
+    assert extract_final("answered 5") == "answered 5" and extract_final("Answer: -2.5.") == "-2.5"
+
+
+def test_money_golds_with_an_escaped_dollar_are_graded():
+    """MATH writes money as \\$18.90: the gold parsed to nothing, so every sample on it scored None (3 of MATH-500)."""
+    golds = ["\\$18.90", "\\$32,\\!348", "\\$36"]
+    good = [chat(f"t</think>\\boxed{{{x}}}") for x in ("18.90", "\\$32,348", "36")]
+    assert accuracy_reward(good, golds) == [1.0, 1.0, 1.0]
+    assert accuracy_reward([chat("t</think>\\boxed{19}")], ["\\$18.90"]) == [0.0]
 
 
 def test_reasoning_gym_scores_with_the_task():

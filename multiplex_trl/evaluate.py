@@ -104,9 +104,9 @@ def parse_ks(text: str | None, n: int) -> list[int]:
                 ks.append(ks[-1] * 2)
             continue
         ks.append(_int_k(item, text))
+    if not ks:
+        raise UsageError(f"--k {text!r} names no value: give k values such as 1,2,4,...,64.")
     ks = sorted(set(ks))
-    if ks[0] < 1:
-        raise UsageError(f"--k values must be >= 1, got {ks[0]}.")
     if ks[-1] > n:
         raise UsageError(f"k={ks[-1]} > n={n}: pass@k needs at least k samples per problem; raise --n or drop k.")
     return ks
@@ -114,9 +114,12 @@ def parse_ks(text: str | None, n: int) -> list[int]:
 
 def _int_k(item: str, text: str) -> int:
     try:
-        return int(item)
+        k = int(item)
     except ValueError:
         raise UsageError(f"--k {text!r}: {item!r} is not an integer.") from None
+    if k < 1:  # before '...' doubles it: from 0 that never ends
+        raise UsageError(f"--k values must be >= 1, got {k}.")
+    return k
 
 
 def method_metrics(scores: dict[int, list[float | None]], n: int, ks: list[int], seed: int = 0) -> dict:
@@ -208,11 +211,21 @@ def read_samples(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
+def previous_report(output: Path) -> dict:
+    """The results.json a previous run left in `output` ({} if none)."""
+    path = output / RESULTS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def check_resume(output: Path, settings: dict) -> dict:
     """Refuse to mix samples made with other settings into `output`; returns the merged per-method settings."""
-    previous = {}
-    if (output / RESULTS_FILE).exists():
-        previous = json.loads((output / RESULTS_FILE).read_text()).get("settings", {}).get("methods", {})
+    old_settings = previous_report(output).get("settings", {})
+    previous = old_settings.get("methods", {})
+    if previous and old_settings.get("seed", settings.get("seed")) != settings.get("seed"):
+        raise UsageError(
+            f"{output} already holds samples drawn with --seed {old_settings['seed']}: pass that seed to resume or add "
+            "methods, or use another --output."
+        )
     for method, current in settings["methods"].items():
         old = previous.get(method)
         if old is not None and old != current:
@@ -255,7 +268,12 @@ def evaluate(
     settings.update(n=n, ks=ks, seed=seed, batch_size=batch_size)
     settings.setdefault("methods", {m: dataclasses.asdict(d) for m, d in methods.items()})
     settings["methods"] = check_resume(output, settings)
-    _write_json(output / RESULTS_FILE, {"settings": settings, "results": {}})  # records the settings before sampling
+    # Results of methods (and datasets) this run does not sample stay in results.json, as their run computed them.
+    kept = {
+        dataset: {m: r for m, r in by_method.items() if dataset not in problems or m not in methods}
+        for dataset, by_method in previous_report(output).get("results", {}).items()
+    }
+    _write_json(output / RESULTS_FILE, {"settings": settings, "results": kept})  # the settings, before sampling
 
     done = {(r["dataset"], r["method"], r["problem"], r["sample"]) for r in read_samples(samples_path)}
     todo = {
@@ -312,6 +330,8 @@ def evaluate(
                 bar.update(len(chunk))
 
     results = summarize(read_samples(samples_path), problems, methods, n=n, ks=ks, seed=seed)
+    for dataset, by_method in kept.items():
+        results[dataset] = {**by_method, **results.get(dataset, {})}
     report = {"settings": settings, "results": results}
     _write_json(output / RESULTS_FILE, report)
     plot_pass_at_k(results, output / PLOT_FILE)
@@ -474,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         fingerprint = {"model": args.model, "prompt_template": args.prompt_template}
         fingerprint.update(system_prompt=args.system_prompt, dataset_config=args.dataset_config, split=args.split)
         settings = {"methods": {m: {**fingerprint, **dataclasses.asdict(d)} for m, d in methods.items()}}
-        check_resume(output, settings)
+        check_resume(output, {**settings, "seed": args.seed})
     except UsageError as error:
         print(f"multiplex-trl eval: error: {error}", file=sys.stderr)
         return 2

@@ -33,6 +33,12 @@ def test_parse_ks():
         parse_ks("1,128", 64)
     with pytest.raises(UsageError, match="not an integer"):
         parse_ks("1,two", 4)
+    for text in ("0,...,4", "-1,...,4"):  # '...' doubled 0 forever
+        with pytest.raises(UsageError, match="--k values must be >= 1"):
+            parse_ks(text, 4)
+    for text in ("", ","):  # an IndexError
+        with pytest.raises(UsageError, match="names no value"):
+            parse_ks(text, 4)
 
 
 def test_bootstrap_ci():
@@ -128,9 +134,19 @@ def test_eval_end_to_end_and_resume(eval_args, count_rows, capsys):
     assert len(keys) == len(set(keys)) == 24
     assert json.loads((out / "results.json").read_text())["results"].keys() == report["results"].keys()
 
-    # Other decoding settings in the same folder are refused.
+    # Other decoding settings in the same folder are refused, and so is another seed (results.json records one).
     assert cli.main([*args, "--temperature", "0.5"]) == 2
     assert "other settings" in capsys.readouterr().err
+    assert cli.main([*args, "--seed", "7"]) == 2
+    assert "already holds samples drawn with --seed 0" in capsys.readouterr().err
+
+    # A rerun of one method keeps the other's results (they were dropped from results.json).
+    i = args.index("--width")
+    one = args[:i] + args[i + 2 :]  # --width 3 only
+    before = json.loads((out / "results.json").read_text())["results"]
+    assert cli.main(one) == 0
+    assert json.loads((out / "results.json").read_text())["results"] == before
+    assert "| discrete |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import MultiplexGRPOConfig
+from .config import ROLLOUT_GENERATION_KWARGS, MultiplexGRPOConfig
 from .mixers import MIXERS
 
 
@@ -68,7 +68,10 @@ def multiplex_settings(args: MultiplexGRPOConfig) -> dict:
         settings[p] = getattr(args, p, getattr(args, f"multiplex_{p}", None))
     for key, name in DECODING_FIELDS.items():
         settings[key] = getattr(args, name)
-    settings["top_k"] = settings["top_k"] or None  # TRL's 0 means no top-k filter
+    if not getattr(args, "use_vllm", False):  # the rollout samples with generation_kwargs' filters where given
+        settings.update({k: v for k, v in (args.generation_kwargs or {}).items() if k in ROLLOUT_GENERATION_KWARGS})
+    if not settings["top_k"] or settings["top_k"] < 0:  # TRL's 0 and vLLM's -1 mean no top-k filter
+        settings["top_k"] = None
     return {"method": "multiplex_thinking", "paper": PAPER_URL, **settings}
 
 
@@ -214,15 +217,20 @@ def zero3_init_disabled():
 
 def save_merged(trainer, directory: str | os.PathLike) -> str:
     """Save the LoRA adapter merged into its base model (plus tokenizer) to `directory`; main process only."""
-    from peft import AutoPeftModelForCausalLM
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
 
+    args = trainer.args
+    adapter = PeftConfig.from_pretrained(args.output_dir)
+    # The base at the revision it was trained from: TRL's adapter_config.json records none (--model_revision).
+    revision = adapter.revision or (getattr(args, "model_init_kwargs", None) or {}).get("revision")
     # Reload from the saved adapter rather than merging the live model: under ZeRO-3 the live weights are sharded.
     # This process alone loads a full copy, so ZeRO-3's collective init must be off (it would wait for the others).
     with zero3_init_disabled():
-        model = AutoPeftModelForCausalLM.from_pretrained(
-            trainer.args.output_dir, dtype="auto", trust_remote_code=trainer.args.trust_remote_code
+        base = AutoModelForCausalLM.from_pretrained(
+            adapter.base_model_name_or_path, revision=revision, dtype="auto", trust_remote_code=args.trust_remote_code
         )
-        model.merge_and_unload().save_pretrained(directory)
+        PeftModel.from_pretrained(base, args.output_dir).merge_and_unload().save_pretrained(directory)
     trainer.processing_class.save_pretrained(directory)
     return str(directory)
 

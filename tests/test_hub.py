@@ -199,3 +199,52 @@ def test_offline_push_is_refused_before_training(monkeypatch, tiny_model_dir, da
     with pytest.raises(grpo.ConfigError, match="push_to_hub=True but HF_HUB_OFFLINE is set") as error:
         grpo.main(tiny_run_args(tiny_model_dir, data, tmp_path / "run", "--push_to_hub", "true"))
     assert "--push_to_hub false" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_saved_settings_are_the_filters_the_rollout_sampled_with():
+    """generation_kwargs override the rollout's filters, so multiplex_config.json (what `generate` and `eval` decode a
+    trained model with) records them; it recorded the fields instead. vLLM's top_k -1 is no filter, like TRL's 0."""
+    from multiplex_trl import MultiplexGRPOConfig
+
+    args = MultiplexGRPOConfig(
+        output_dir="/tmp/unused",
+        use_cpu=True,
+        bf16=False,
+        generation_kwargs={"top_p": 0.9, "top_k": 20, "min_p": 0.05},
+    )
+    settings = hub.multiplex_settings(args)
+    assert (settings["top_p"], settings["top_k"], settings["min_p"]) == (0.9, 20, 0.05)
+    assert (
+        hub.multiplex_settings(MultiplexGRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, top_k=-1))[
+            "top_k"
+        ]
+        is None
+    )
+
+
+def test_merged_lora_is_built_on_the_trained_revision(tmp_path, tok, monkeypatch):
+    """TRL's adapter_config.json records no revision, so the merge loaded the base at `main`, not --model_revision."""
+    import types
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from multiplex_trl.testing import tiny_model
+
+    tiny_model(tok).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "run")
+    loads = []
+    load = AutoModelForCausalLM.from_pretrained
+
+    def recording(path, *args, **kwargs):
+        loads.append(kwargs.get("revision"))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", recording)
+    args = types.SimpleNamespace(
+        output_dir=str(tmp_path / "run"), trust_remote_code=False, model_init_kwargs={"revision": "v1.0"}
+    )
+    hub.save_merged(types.SimpleNamespace(args=args, processing_class=tok), tmp_path / "merged")
+    assert loads == ["v1.0"]
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

@@ -124,8 +124,18 @@ class MultiplexGRPOConfig(GRPOConfig):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (or None), got {self.min_p!r}.")
+        if self.loss_type not in TRL_LOSS_TYPES:  # TRL finds out after a whole rollout
+            raise ValueError(f"loss_type must be one of {list(TRL_LOSS_TYPES)}, got {self.loss_type!r}.")
+        if self.learning_rate is None or self.learning_rate < 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate!r}.")
         # TRL divides by these before its own checks (ZeroDivisionError) or fails only once the model is loaded.
-        for name in ("num_generations", "num_iterations", "max_completion_length"):
+        for name in (
+            "num_generations",
+            "num_iterations",
+            "max_completion_length",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
@@ -168,6 +178,8 @@ class MultiplexGRPOConfig(GRPOConfig):
             )
 
 
+# The loss types of the pinned TRL's GRPOTrainer._compute_loss.
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # Sampling keys of `generation_kwargs` the multiplex rollout applies (over the fields of the same name), as TRL's
 # generate path does; `do_sample=True` is what it does anyway.
 ROLLOUT_GENERATION_KWARGS = ("top_p", "top_k", "min_p")

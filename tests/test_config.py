@@ -36,6 +36,10 @@ def test_defaults_are_the_papers():
         ({"num_generations": 0}, "num_generations must be an integer >= 1"),  # TRL: ZeroDivisionError
         ({"num_iterations": 0}, "num_iterations must be an integer >= 1"),  # TRL: zero training steps
         ({"max_completion_length": 0}, "max_completion_length must be an integer >= 1"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be an integer >= 1"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be an integer >= 1"),
+        ({"learning_rate": -1.0}, "learning_rate must be >= 0"),
+        ({"loss_type": "ppo"}, r"loss_type must be one of \['grpo', "),  # TRL: after a whole rollout
         ({"generation_kwargs": {"temperature": 0.5}}, r"generation_kwargs \['temperature'\] cannot be applied"),
         ({"generation_kwargs": '{"top_p": 0}'}, r"generation_kwargs: top_p must be in \(0, 1\]"),
         ({"use_transformers_continuous_batching": True}, "use_transformers_continuous_batching does not apply"),
@@ -115,3 +119,15 @@ def test_compiled_decode_is_refused_where_parameters_are_gathered_per_generation
     with pytest.raises(ValueError, match="multiplex_compile=True cannot run under DeepSpeed ZeRO-3 or FSDP") as info:
         _config(cache_implementation="static", multiplex_compile=True)
     assert "\n" not in str(info.value)
+
+
+def test_the_accepted_loss_types_are_the_pinned_trls():
+    import re
+
+    from trl import GRPOConfig
+
+    from multiplex_trl.config import TRL_LOSS_TYPES
+
+    help_text = GRPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    supported = re.findall(r"'(\w+)'", help_text.split("Supported values are")[1].split(". ")[0])
+    assert sorted(supported) == sorted(TRL_LOSS_TYPES)

@@ -9,6 +9,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import multiplex_trl.trainer as trainer_module
 from multiplex_trl import MultiplexGRPOConfig, MultiplexGRPOTrainer
+from multiplex_trl.config import TRL_LOSS_TYPES
 from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
 
@@ -70,7 +71,7 @@ def test_train_logs_multiplex_metrics_and_updates_weights(tmp_path, tok):
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+@pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
 def test_every_trl_loss_type_trains(tmp_path, tok, loss_type):
     model = tiny_model(tok)
     before = _params(model)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 from transformers import AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from . import hub
@@ -143,13 +144,29 @@ def _check_types(script_args: ScriptArguments, training_args: MultiplexGRPOConfi
         raise ConfigError(f"reward_weights must be a list of numbers, one per reward function, got {weights!r}.")
 
 
-def _check_output_dir(script_args: ScriptArguments, training_args: MultiplexGRPOConfig) -> None:
+def resume_checkpoint(training_args: MultiplexGRPOConfig) -> str | None:
+    """The checkpoint folder `resume_from_checkpoint` names: a path, or "true" for output_dir's last one (as the
+    Trainer's `True`, which a flag or a recipe can only spell as a string); None for "false" or unset."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None or resume is False or str(resume).lower() == "false":
+        return None
+    if resume is True or str(resume).lower() == "true":
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise ConfigError(
+                f"resume_from_checkpoint=true: output_dir {training_args.output_dir!r} has no checkpoint-<step> "
+                "folder to resume from."
+            )
+        return last
+    if not os.path.isdir(resume):
+        raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a folder (a checkpoint-<step> folder).")
+    return resume
+
+
+def _check_output_dir(script_args: ScriptArguments, training_args: MultiplexGRPOConfig, resume: str | None) -> None:
     """Refuse an output_dir that holds a finished run (unless resuming it or asked to overwrite it); overwrite it."""
     output_dir = training_args.output_dir
     finished = [f for f in FINISHED_RUN_FILES if os.path.isfile(os.path.join(output_dir, f))]
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() not in ("true", "false") and not os.path.isdir(resume):
-        raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a folder (a checkpoint-<step> folder).")
     if not finished or resume:
         return
     if not script_args.overwrite_output_dir:
@@ -211,7 +228,8 @@ def main(argv: list[str] | None = None) -> str:
             f"(generation_batch_size {training_args.generation_batch_size} / num_generations "
             f"{training_args.num_generations}): no step could run; give more prompts or a smaller batch."
         )
-    _check_output_dir(script_args, training_args)
+    resume = resume_checkpoint(training_args)
+    _check_output_dir(script_args, training_args, resume)
     set_thinking_end(training_args.thinking_end)  # the rewards grade the text after the marker
 
     # As TRL's grpo script: the trainer loads the model from its path with these kwargs (ZeRO-3 init included).
@@ -244,7 +262,7 @@ def main(argv: list[str] | None = None) -> str:
         peft_config=get_peft_config(model_args),
         callbacks=callbacks,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     if trainer.preempted:  # SIGTERM: the checkpoint is saved; no final save or push, which would look finished
         checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
         trainer.accelerator.print(

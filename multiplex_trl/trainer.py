@@ -15,6 +15,7 @@ import signal
 import threading
 
 import torch
+import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
@@ -114,6 +115,12 @@ class SaveOnSigterm(TrainerCallback):
         self.requested = True
 
     def on_step_end(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # All ranks stop at the same step: one that saw the signal alone would save while the others went on
+            # into the next step's collectives (a mismatch that kills the run without a checkpoint).
+            flag = torch.tensor([float(self.requested)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.requested = bool(flag.item())
         if self.requested:
             control.should_save = True
             control.should_training_stop = True

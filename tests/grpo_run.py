@@ -21,10 +21,25 @@ def text_hash_reward(completions, **kwargs) -> list[float]:
     return [(zlib.crc32(completion_text(c).encode()) % 5) / 4 for c in completions]
 
 
+_PREEMPTED: list[bool] = []
+
+
+def preempt_one_rank_reward(completions, **kwargs) -> list[float]:
+    """`text_hash`, but the process of rank $GRPO_RUN_PREEMPT_RANK sends itself SIGTERM at its first call: one rank
+    of the run is preempted, the others are not."""
+    import signal
+
+    if os.environ.get("RANK") == os.environ.get("GRPO_RUN_PREEMPT_RANK") and not _PREEMPTED:
+        _PREEMPTED.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return text_hash_reward(completions)
+
+
 def register_test_reward() -> None:
     from multiplex_trl import rewards
 
     rewards.REWARD_FUNCS["text_hash"] = text_hash_reward
+    rewards.REWARD_FUNCS["preempt_one_rank"] = preempt_one_rank_reward
 
 
 def write_jsonl(path) -> str:

@@ -45,8 +45,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: str, flags: list[str], tmp_path: Path, tiny_model_dir: str) -> tuple[Path, list[dict]]:
+def launch(
+    config: str, flags: list[str], tmp_path: Path, tiny_model_dir: str, env_extra: dict | None = None
+) -> tuple[Path, list[dict]]:
     """Run grpo_run.py under `accelerate launch` with 2 processes; return output_dir and each rank's record."""
+    out, result = start(config, flags, tmp_path, tiny_model_dir, env_extra)
+    assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    ranks = sorted((tmp_path / "digests").glob("rank*.json"))
+    assert [p.name for p in ranks] == ["rank0.json", "rank1.json"], "expected two training processes"
+    return out, [json.loads(p.read_text()) for p in ranks]
+
+
+def start(config, flags, tmp_path, tiny_model_dir, env_extra=None) -> tuple[Path, subprocess.CompletedProcess]:
+    """`accelerate launch` grpo_run.py with 2 processes and the tiny run's flags plus `flags`: output_dir and result."""
     out, digests = tmp_path / "run", tmp_path / "digests"
     data = grpo_run.write_jsonl(tmp_path / "problems.jsonl")
     env = {
@@ -62,6 +73,7 @@ def launch(config: str, flags: list[str], tmp_path: Path, tiny_model_dir: str) -
         "GRPO_RUN_DIGESTS": str(digests),
         # The processes import the package of this checkout, installed or not.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **(env_extra or {}),
     }
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -71,11 +83,7 @@ def launch(config: str, flags: list[str], tmp_path: Path, tiny_model_dir: str) -
         str(RUNNER),
         *grpo_run.tiny_run_args(tiny_model_dir, data, out, "--save_steps", "2", *flags),
     ]  # fmt: skip
-    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    ranks = sorted(digests.glob("rank*.json"))
-    assert [p.name for p in ranks] == ["rank0.json", "rank1.json"], "expected two training processes"
-    return out, [json.loads(p.read_text()) for p in ranks]
+    return out, subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def assert_close(digest_a: dict, digest_b: dict, what: str):
@@ -117,3 +125,16 @@ def test_two_processes_train_the_same_model(run, tmp_path, tiny_model_dir):
             assert_close(saved, rank0["weights"], f"{folder.name} vs rank 0")
         initial = grpo_run.weights_digest(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
         assert initial["lm_head.weight"] != rank0["weights"]["lm_head.weight"], "the weights never changed"
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_model_dir):
+    """Only rank 1 is signalled (as when ranks are preempted separately): it stopped and saved alone while rank 0 went
+    on into the next step's collectives, and gloo aborted the run with no checkpoint."""
+    flags = ["--reward_funcs", "preempt_one_rank", "--max_steps", "50", "--save_steps", "1000"]
+    out, result = start("ddp.yaml", flags, tmp_path, tiny_model_dir, {"GRPO_RUN_PREEMPT_RANK": "1"})
+    log = result.stdout + result.stderr
+    assert "collective mismatch" not in log and "EnforceNotMet" not in log, log[-3000:]
+    assert "Stopped by SIGTERM at step 1" in result.stdout, log[-3000:]
+    assert (out / "checkpoint-1" / "model.safetensors").is_file()
+    assert not (out / "checkpoint-2").exists() and not (out / "model.safetensors").exists()
+    assert not (tmp_path / "digests").exists()  # neither rank reached the final save

@@ -105,6 +105,7 @@ BAD_INPUTS = {
         "reward 'reasoning_gym' needs the dataset column 'rg_entry'",
     ),
     "missing checkpoint": (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "is not a folder"),
+    "nothing to resume": (["--resume_from_checkpoint", "true"], "resume_from_checkpoint=true: output_dir .* has no"),
 }
 
 
@@ -223,3 +224,15 @@ def test_sigterm_saves_a_checkpoint_but_no_finished_run(tiny_model_dir, data, tm
         capsys.readouterr().out
     )
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored after training
+
+
+def test_resume_from_checkpoint_true_and_false(tiny_model_dir, data, tmp_path):
+    """As strings (all a flag or recipe can give) both reached the Trainer and failed after the model loaded:
+    "true" resumes from output_dir's last checkpoint, "false" starts afresh."""
+    out = tmp_path / "run"
+    grpo.main(tiny_run_args(tiny_model_dir, data, out, "--resume_from_checkpoint", "false"))
+    first = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    grpo.main(tiny_run_args(tiny_model_dir, data, out, "--resume_from_checkpoint", "true", "--max_steps", "3"))
+    history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    assert history[:2] == first[:2]  # steps 1-2 come from the checkpoint, not from a new run
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]

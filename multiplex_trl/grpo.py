@@ -25,7 +25,7 @@ from .config import MultiplexGRPOConfig
 from .data import load_prompts
 from .inference import find_model
 from .rewards import check_reward_columns, get_reward_funcs, set_thinking_end
-from .trainer import MultiplexGRPOTrainer
+from .trainer import MultiplexGRPOTrainer, thinking_end_ids
 
 
 @dataclass
@@ -249,6 +249,10 @@ def main(argv: list[str] | None = None) -> str:
         trust_remote_code=training_args.trust_remote_code,
         padding_side="left",
     )
+    try:
+        thinking_end_ids(tokenizer, training_args.thinking_end)  # the trainer checks it too: here it is one line
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
     callbacks = [hub.MultiplexSettingsCallback(training_args)]
     if script_args.push_revisions:

@@ -112,12 +112,17 @@ def _score_fn(task: str) -> Callable[[str | None, dict[str, Any]], float]:
 def reasoning_gym_reward(
     completions: list, rg_entry: list[str], task: list[str] | None = None, **kwargs
 ) -> list[float | None]:
-    """reasoning_gym's own score (0..1, some tasks give partial credit) of the final answer in the answer phase."""
+    """reasoning_gym's own score (0..1, some tasks give partial credit) of the final answer in the answer phase; 0.0
+    when thinking never closed (no answer phase), as `accuracy_reward`."""
     rewards = []
     for i, completion in enumerate(completions):
         entry = json.loads(rg_entry[i])
         name = task[i] if task is not None else entry["metadata"]["source_dataset"]
-        predicted = extract_final(extract_answer(completion_text(completion)))
+        text = completion_text(completion)
+        if THINKING_END not in text:
+            rewards.append(0.0)
+            continue
+        predicted = extract_final(extract_answer(text))
         rewards.append(float(_score_fn(name)(predicted, entry)))
     return rewards
 

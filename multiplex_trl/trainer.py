@@ -24,11 +24,12 @@ from trl.trainer.utils import pad
 from .config import ROLLOUT_GENERATION_KWARGS, MultiplexGRPOConfig
 from .logprobs import add_multiplex_head, multiplex_logprobs, unwrap_model
 from .mixers import mixer_from_config
+from .rewards import set_thinking_end
 from .rollout import multiplex_generate
 from .static_decode import check_compiled_window
 
 
-# TRL hooks this trainer overrides, with the parameters it relies on (tests/test_trl_hooks.py checks them).
+# TRL hooks this trainer overrides, with the parameters it relies on (tests/test_trainer.py checks them against TRL).
 OVERRIDDEN_HOOKS = {
     "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations"],
     "_generate": ["self", "prompts"],
@@ -178,6 +179,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         if not isinstance(tokenizer, PreTrainedTokenizerBase) and tokenizer is not None:
             tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         marker_ids = thinking_end_ids(tokenizer, args.thinking_end) if tokenizer is not None else None
+        set_thinking_end(args.thinking_end)  # the bundled rewards grade the text after this marker
 
         super().__init__(model, reward_funcs, args, **kwargs)
 

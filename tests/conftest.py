@@ -24,6 +24,14 @@ def fresh_compile_caches():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def default_reward_marker(monkeypatch):
+    """The bundled rewards' marker is module state that trainers and scripts set: each test starts from '</think>'."""
+    from multiplex_trl import rewards
+
+    monkeypatch.setattr(rewards, "THINKING_END", "</think>")
+
+
 @pytest.fixture(scope="session")
 def tok():
     return tiny_tokenizer()

@@ -236,3 +236,16 @@ def test_resume_from_checkpoint_true_and_false(tiny_model_dir, data, tmp_path):
     history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
     assert history[:2] == first[:2]  # steps 1-2 come from the checkpoint, not from a new run
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
+
+
+def test_a_marker_the_tokenizer_cannot_encode_is_one_line(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
+    """Checked by the trainer before it loads the model, but as a traceback; the script checks it with the tokenizer."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the trainer was built before the marker was checked")
+
+    monkeypatch.setattr(grpo, "MultiplexGRPOTrainer", refuse)
+    status = cli.main(["grpo", *tiny_run_args(tiny_model_dir, data, tmp_path / "run", "--thinking_end", "§")])
+    err = capsys.readouterr().err  # after the datasets progress bar
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("multiplex-trl grpo: error: thinking_end='§' cannot be encoded")

@@ -90,8 +90,9 @@ def test_reasoning_gym_scores_with_the_task():
     entry = reasoning_gym.create_dataset("chain_sum", size=1, seed=0)[0]
     gold = entry["answer"]
     completions = [chat(f"</think>\\boxed{{{gold}}}"), chat(f"thinking</think>\nAnswer: {gold}"), chat("</think>no")]
-    rg_entry = [json.dumps(entry)] * 3
-    assert reasoning_gym_reward(completions, rg_entry=rg_entry, task=["chain_sum"] * 3) == [1.0, 1.0, 0.0]
+    completions.append(chat(f"\\boxed{{{gold}}}"))  # thinking never closed: no answer phase, 0 (it was graded)
+    rg_entry = [json.dumps(entry)] * 4
+    assert reasoning_gym_reward(completions, rg_entry=rg_entry, task=["chain_sum"] * 4) == [1.0, 1.0, 0.0, 0.0]
     # Without a task column the entry's own metadata names the task.
     assert reasoning_gym_reward(completions[:1], rg_entry=rg_entry[:1]) == [1.0]
 
@@ -110,3 +111,19 @@ def test_registry_and_dotted_paths():
         get_reward_funcs(["no_such_pkg.fn"])
     with pytest.raises(ValueError, match="Cannot import"):
         get_reward_funcs(["multiplex_trl.rewards.no_such_fn"])
+
+
+def test_the_trainer_sets_the_bundled_rewards_marker(tok, model):
+    """Only the training script set it: a trainer built in Python with another thinking_end scored every completion
+    of `accuracy_reward` 0 (the rewards looked for '</think>')."""
+    from datasets import Dataset
+
+    from multiplex_trl import MultiplexGRPOConfig, MultiplexGRPOTrainer
+
+    args = MultiplexGRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none", thinking_end="A:")
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1?"}]] * 8, "answer": ["2"] * 8})
+    MultiplexGRPOTrainer(
+        model=model, reward_funcs=accuracy_reward, args=args, train_dataset=dataset, processing_class=tok
+    )
+    assert rewards.THINKING_END == "A:"
+    assert accuracy_reward([chat("1+1 A: 2")], answer=["2"]) == [1.0]

@@ -130,3 +130,12 @@ class Steered(torch.nn.Module):
             out.logits = out.logits.clone()
             out.logits[:, -1] += bias.to(out.logits.dtype)
         return out
+
+
+class Scripted(Steered):
+    """Like `Steered`, but `bias(step)` replaces the last logits: exactly the scripted distribution."""
+
+    def forward(self, **kwargs):
+        out = super().forward(**kwargs)
+        out.logits[:, -1] = self.bias(self.step - 1)
+        return out

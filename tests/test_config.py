@@ -54,11 +54,19 @@ def test_bad_config_is_one_clear_error(kwargs, match):
     assert "\n" not in str(info.value)
 
 
-def test_generation_kwargs_set_the_rollouts_sampling(tok, model):
-    """TRL's generation_kwargs override top_p / top_k / min_p; the multiplex rollout ignored them."""
+@pytest.mark.parametrize(
+    "generation_kwargs",
+    [{"top_k": 1, "do_sample": True}, {"top_p": 1e-6, "top_k": 50}, {"min_p": 1.0}],
+    ids=["top_k", "top_p", "min_p"],
+)
+def test_generation_kwargs_set_the_rollouts_sampling(tok, model, monkeypatch, generation_kwargs):
+    """TRL's generation_kwargs override top_p / top_k / min_p; the multiplex rollout ignored them. Each of these
+    settings alone makes sampling greedy."""
     from datasets import Dataset
 
-    args = _config(generation_kwargs={"top_k": 1, "do_sample": True}, max_completion_length=12, num_generations=4)
+    import multiplex_trl.trainer as trainer_module
+
+    args = _config(generation_kwargs=generation_kwargs, max_completion_length=12, num_generations=4)
     args.per_device_train_batch_size = 4
     trainer = MultiplexGRPOTrainer(
         model=model,
@@ -67,8 +75,17 @@ def test_generation_kwargs_set_the_rollouts_sampling(tok, model):
         train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1?"}]] * 4}),
         processing_class=tok,
     )
-    assert trainer.top_k == 1
+    seen = {}
+    rollout = trainer_module.multiplex_generate
+
+    def recording(*a, **kw):
+        seen.update(kw)
+        return rollout(*a, **kw)
+
+    monkeypatch.setattr(trainer_module, "multiplex_generate", recording)
     batch = trainer._generate_and_score_completions([{"prompt": [{"role": "user", "content": "1+1?"}]}] * 4)
+    for key in ("top_p", "top_k", "min_p"):
+        assert seen[key] == generation_kwargs.get(key, getattr(args, key)), key
     assert (batch["completion_ids"] == batch["completion_ids"][:1]).all()  # top-k 1: greedy, one text
     assert (
         batch["multiplex_ids"][..., 1:][batch["thinking_mask"]]

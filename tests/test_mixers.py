@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import Steered, chat_batch, recompute
+from conftest import Scripted, Steered, chat_batch, recompute
 
 from multiplex_trl import MultiplexGRPOConfig
 from multiplex_trl.mixers import MIXERS, Mixer, get_mixer
@@ -192,17 +192,11 @@ def test_answer_phase_samples_the_policy_for_every_mixer(tok, model, name):
             v[toks] = pi.log()
         return v
 
-    class Replaced(Steered):  # the scripted logits replace the model's, so the distribution is exactly pi
-        def forward(self, **kwargs):
-            out = super().forward(**kwargs)
-            out.logits[:, -1] = self.bias(self.step - 1)
-            return out
-
     input_ids, mask = chat_batch(tok, ["q"])
     n = 4000
     torch.manual_seed(0)
     r = multiplex_generate(
-        Replaced(model, bias),
+        Scripted(model, bias),
         input_ids.repeat(n, 1),
         mask.repeat(n, 1),
         width=3,

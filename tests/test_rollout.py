@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import Steered, generate_rollout, recompute
+from conftest import Scripted, Steered, generate_rollout, recompute
 
 from multiplex_trl.rollout import STATIC_STOP_CHECK_EVERY
 from multiplex_trl.testing import LoopOps, tiny_model, tiny_tokenizer
@@ -128,6 +128,30 @@ def test_zero_new_tokens_is_refused(tok, model, cache_implementation):
         generate_rollout(model, tok, ["q"], max_new_tokens=0, cache_implementation=cache_implementation)
 
 
+def test_min_p_filters_every_slot_of_the_rollout(tok, model):
+    """min_p reached `filter_logits` in its own tests only; the rollout must pass it on (Soft Thinking's setting)."""
+    toks = list(range(17, 22))
+    p = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])  # min_p 0.15: the threshold 0.075 drops the last two
+    logits = torch.full((len(tok),), -1e4)
+    logits[toks] = p.log()
+    r, _, _ = generate_rollout(
+        Scripted(model, lambda s: logits), tok, ["q"] * 200, max_new_tokens=3, min_p=0.15, thinking_end_ids=[4]
+    )
+    drawn = r.ids[r.thinking_mask]
+    assert set(drawn.unique().tolist()) == set(toks[:3])
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_every_eos_id_ends_a_row(tok, model, cache_implementation):
+    """Models with several end tokens (Qwen's <|im_end|> and <|endoftext|>): the second one ends a row too."""
+    a, other_eos = _ids(tok, "a")[0], _ids(tok, "b")[0]
+    steered = Steered(model, _force(len(tok), lambda s: a if s < 2 else other_eos))
+    r, _, _ = generate_rollout(
+        steered, tok, ["q"], eos_token_ids=[EOS, other_eos], cache_implementation=cache_implementation
+    )
+    assert r.lengths() == [3] and r.ids[0, 2].tolist() == [other_eos, PAD, PAD]
+
+
 def test_finished_rows_are_padded_and_stop_costing_compute(tok, model):
     a = _ids(tok, "a")[0]
 
@@ -169,7 +193,9 @@ def test_rollout_logprobs_match_recompute(tok, model, width, merge):
     )
     assert (mask == 0).any(), "prompts must be left-padded"
     lengths = r.lengths()
-    assert min(lengths) < max(lengths) or r.completion_mask.all()
+    assert min(lengths) < max(lengths) == 40, lengths  # rows that ended early beside rows that ran to the limit
+    assert r.thinking_mask.any() and (r.completion_mask & ~r.thinking_mask).any()  # thinking and answer positions
+    assert r.forced_mask.any()  # the budget forced the marker somewhere
     lp = recompute(model, input_ids, mask, r, temperature=0.9)
     assert (lp[~r.completion_mask] == 0).all()
     assert (lp - r.logprobs).abs().max().item() < 1e-5

@@ -10,6 +10,7 @@ from trl import GRPOConfig, GRPOTrainer
 import multiplex_trl.trainer as trainer_module
 from multiplex_trl import MultiplexGRPOConfig, MultiplexGRPOTrainer
 from multiplex_trl.config import TRL_LOSS_TYPES
+from multiplex_trl.logprobs import multiplex_logprobs
 from multiplex_trl.testing import tiny_model, tiny_tokenizer
 
 
@@ -57,6 +58,23 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _generate_batch(tr, n):
+    """One generation batch of `n` rows through the trainer's hook (rows in input order, not shuffled)."""
+    return tr._generate_and_score_completions([{"prompt": p} for p in _dataset(n)["prompt"]])
+
+
+def _likely_marker(model, tok, strength=1.0):
+    """Point the LM head's `</think>` row along the mean final hidden state, so that some rows sample the marker
+    within a small thinking budget (the random tiny model never does); returns the model."""
+    marker = tok.convert_tokens_to_ids("</think>")
+    ids = tok("<|user|>1+1?<eos><|assistant|><think>abc def 123", return_tensors="pt").input_ids
+    with torch.no_grad():
+        mean = model.model(input_ids=ids).last_hidden_state[0].mean(0)
+        head = model.lm_head.weight
+        head[marker] = strength * head.norm(dim=-1).mean() * mean / mean.norm()
+    return model
+
+
 def test_train_logs_multiplex_metrics_and_updates_weights(tmp_path, tok):
     model = tiny_model(tok)
     before = _params(model)
@@ -71,6 +89,63 @@ def test_train_logs_multiplex_metrics_and_updates_weights(tmp_path, tok):
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+def test_logged_multiplex_metrics_match_the_batch(tmp_path, tok):
+    """Each multiplex metric equals its value recomputed from the batch's slots: branch_rate (thinking positions whose
+    K draws are not all equal), distinct_per_step, thinking_length, and closed_thinking_rate, which counts the rows
+    that sampled the marker themselves, not those whose marker the thinking budget forced."""
+    rows = 8
+    model = _likely_marker(tiny_model(tok), tok)
+    tr = _trainer(tok, model, _args(tmp_path, max_thinking_tokens=4, per_device_train_batch_size=rows))
+    tr.model.train()
+    batch = _generate_batch(tr, rows)
+    marker = tok.convert_tokens_to_ids("</think>")
+    slots, think, mask = batch["multiplex_ids"], batch["thinking_mask"], batch["completion_mask"].bool()
+    forced = (batch.get("tool_mask", torch.ones_like(mask)) == 0) & mask  # budget-forced marker tokens
+    distinct, closed = [], 0  # distinct tokens at each thinking position; rows that closed thinking themselves
+    for row in range(rows):
+        n = int(think[row].sum())
+        assert think[row, :n].all()  # thinking is a prefix of the completion
+        distinct += [len(set(slots[row, t].tolist())) for t in range(n)]
+        closed += bool(mask[row, n] and slots[row, n, 0] == marker and not forced[row, n]) if n < mask.size(1) else 0
+    expected = {
+        "branch_rate": sum(d > 1 for d in distinct) / len(distinct),
+        "distinct_per_step": sum(distinct) / len(distinct),
+        "thinking_length": len(distinct) / rows,
+        "closed_thinking_rate": closed / rows,
+    }
+    # the batch tells the wrong rules apart: some positions did not branch, some rows closed by themselves and some
+    # were forced to (a forced row holds the marker as a sampled one would, one position after its last thought)
+    assert 0 < expected["branch_rate"] < 1 and expected["distinct_per_step"] > 1
+    assert 0 < closed < rows and 0 < int(forced.any(-1).sum()) < rows
+    logged = {k.removeprefix("multiplex/"): v for k, v in tr._metrics["train"].items() if k.startswith("multiplex/")}
+    assert logged.keys() == expected.keys()
+    for key, value in expected.items():
+        assert logged[key] == [pytest.approx(value, abs=1e-6)], key
+
+
+@pytest.mark.parametrize("mixer", ["mot_distinct", "dirichlet"])
+def test_the_configured_mixer_draws_the_slots_and_weights_the_logprobs(tmp_path, tok, mixer):
+    """`mixer` reaches the rollout and every log-prob pass: MoT-G draws K distinct tokens per thinking position
+    (without replacement / the top K; no filter here), and the old-policy log-probs TRL computes are MoT-G's
+    sum_j w_j log pi(k_j), not multiplex's sum over the K slots."""
+    # num_iterations=2 with one accumulation step: generation and optimizer steps are misaligned, so TRL scores the
+    # old policy through the trainer's log-prob hook right after generation
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path, mixer=mixer, multiplex_width=3, num_iterations=2))
+    batch = _generate_batch(tr, 4)
+    slots, weights, think = batch["multiplex_ids"], batch["multiplex_weights"], batch["thinking_mask"]
+    assert think.sum() >= 8
+    equal_pairs = (slots[think].unsqueeze(-1) == slots[think].unsqueeze(-2)).sum((-1, -2))  # [N], K*K pairs
+    assert (equal_pairs == 3).all(), equal_pairs.tolist()  # only the diagonal: the K ids are pairwise distinct
+    mask = batch["completion_mask"].bool()
+    stored = (tr.model, batch["prompt_ids"], batch["prompt_mask"], slots, weights, batch["completion_mask"])
+    with torch.no_grad():
+        ours = multiplex_logprobs(*stored, temperature=tr.temperature, thinking_mask=think, mixer=mixer)
+        summed = multiplex_logprobs(*stored, temperature=tr.temperature, thinking_mask=think, mixer="multiplex")
+    old = batch["old_per_token_logps"]
+    torch.testing.assert_close(old[mask], ours[mask], atol=1e-5, rtol=0)
+    assert ((old - summed)[think].abs() > 1e-2).all()  # the two rules differ at every thinking position
+
+
 @pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
 def test_every_trl_loss_type_trains(tmp_path, tok, loss_type):
     model = tiny_model(tok)
@@ -81,15 +156,20 @@ def test_every_trl_loss_type_trains(tmp_path, tok, loss_type):
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+def distinct_chars(completions, **kwargs):
+    return [float(len(set(c[0]["content"]))) for c in completions]
+
+
 def test_iterations_accumulation_sequence_level_and_reward_weights(tmp_path, tok):
-    """num_iterations > 1 and misaligned accumulation make TRL compute old-policy log-probs through our pass."""
-    calls = []
-    model = tiny_model(tok)
+    """num_iterations > 1 and misaligned accumulation make TRL compute old-policy log-probs through our pass: they are
+    the rollout's own log-probs of its slots, scored in chunks of per_device_train_batch_size rows (also after
+    optimizer steps), and the advantages weight the two rewards by reward_weights."""
+    calls, scored = [], []
     args = _args(
         tmp_path,
         num_iterations=2,
         gradient_accumulation_steps=3,
-        max_steps=2,
+        max_steps=3,  # 9 micro-steps: a generation every steps_per_generation (3) * num_iterations (2), at 0 and 6
         importance_sampling_level="sequence",
         reward_weights=[1.0, 0.5],
         scale_rewards="batch",
@@ -97,18 +177,47 @@ def test_iterations_accumulation_sequence_level_and_reward_weights(tmp_path, tok
         num_generations=6,
         generation_batch_size=6,
     )
-    tr = _trainer(tok, model, args, reward_funcs=[length_reward, lambda completions, **kw: [1.0] * len(completions)])
-    original = tr._get_per_token_logps_and_entropies
+    tr = _trainer(tok, tiny_model(tok), args, reward_funcs=[length_reward, distinct_chars])
+    real_logps, real_generate, real_score = (
+        tr._get_per_token_logps_and_entropies,
+        tr._multiplex_generate,
+        tr._generate_and_score_completions,
+    )
 
-    def spy(*a, **kw):
-        calls.append(tr._active_slots is not None)
-        return original(*a, **kw)
+    def logps(model, input_ids, *a, **kw):
+        calls.append((tr._active_slots is not None, input_ids.size(0), kw.get("batch_size")))
+        return real_logps(model, input_ids, *a, **kw)
 
-    tr._get_per_token_logps_and_entropies = spy
+    def generate(*a, **kw):
+        scored.append([real_generate(*a, **kw)])
+        return scored[-1][0]
+
+    def score(inputs):
+        batch = real_score(inputs)
+        scored[-1].append({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+        return batch
+
+    tr._get_per_token_logps_and_entropies, tr._multiplex_generate = logps, generate
+    tr._generate_and_score_completions = score
     tr.train()
-    assert calls and all(calls)  # every log-prob call was routed to the multiplex slots
-    assert len(calls) > 2 * 3  # old-policy passes happened besides the loss passes
+    assert calls and all(routed for routed, _, _ in calls)  # every log-prob call was routed to the multiplex slots
+    assert (6, 2) in [(rows, size) for _, rows, size in calls]  # old-policy passes over 6 rows, 2 at a time
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in tr.state.log_history if "loss" in h)
+    assert len(scored) == 2  # the second generation comes after two optimizer steps
+    for rollout, batch in scored:
+        mask = batch["completion_mask"].bool()
+        assert torch.equal(batch["completion_ids"][mask], rollout.completion_ids[mask])
+        assert (batch["old_per_token_logps"] - rollout.logprobs)[mask].abs().max().item() < 1e-5
+        texts = [
+            [{"content": tok.decode(row[m], skip_special_tokens=True)}]
+            for row, m in zip(batch["completion_ids"], mask)
+        ]
+        per_func = torch.tensor([length_reward(texts), distinct_chars(texts)]).T  # [6, 2]
+        rewards = per_func @ torch.tensor([1.0, 0.5])  # one group of 6 rows: its std is the batch's
+        unweighted = per_func.sum(-1)
+        expected = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+        torch.testing.assert_close(batch["advantages"], expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(expected, (unweighted - unweighted.mean()) / (unweighted.std() + 1e-4), atol=1e-3)
 
 
 def test_kl_with_reference_model(tmp_path, tok, tiny_model_dir):
@@ -171,9 +280,9 @@ def test_generation_is_unwrapped_no_grad_and_rewards_see_slot0_text(tmp_path, to
     assert batch["multiplex_ids"].shape[:2] == ids.shape and batch["thinking_mask"].any()
 
 
-def test_forced_marker_tokens_get_no_loss():
+def test_forced_marker_tokens_get_no_loss(tmp_path):
     tok = tiny_tokenizer(with_think_token=False)
-    args = _args("/tmp/mx-forced", max_thinking_tokens=3, max_completion_length=16)
+    args = _args(tmp_path, max_thinking_tokens=3, max_completion_length=16)
     tr = _trainer(tok, tiny_model(tok), args)
     batch = tr._generate_and_score_completions([{"prompt": p} for p in _dataset(4)["prompt"]])
     marker = tok.encode("</think>", add_special_tokens=False)

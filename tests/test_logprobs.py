@@ -5,6 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from multiplex_trl.logprobs import multiplex_logprobs
 from multiplex_trl.rollout import multiplex_generate
+from multiplex_trl.testing import tiny_model
 
 
 PROMPTS = ["1+1?", "two plus two", "x", "a longer prompt"]
@@ -191,3 +192,115 @@ def test_a_deep_copy_of_a_patched_model_runs_its_own_weights(tok, model):
         torch.testing.assert_close(other(input_ids=x).logits, -model(input_ids=x).logits)
         r, input_ids, mask = _rollout(other, tok)
         assert (recompute(other, input_ids, mask, r) - r.logprobs).abs().max().item() < 1e-5
+
+
+def _stored_slots(tok, n, length=8, width=3, seed=0):
+    """Random stored completions for `n` chat prompts, different in every row: ids, weights [n, T, K], thinking
+    for the first few positions (K slots), then answer positions (slot 0, one-hot weight), then padding."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids, mask = chat_batch(tok, [("abcdefgh" * 2)[: 1 + 3 * i] for i in range(n)])
+    ids = torch.randint(7, len(tok), (n, length, width), generator=g)
+    weights = torch.randn(n, length, width, generator=g).softmax(-1)
+    steps = torch.arange(length)
+    thinking_mask = steps < torch.arange(2, 2 + n).clamp(max=length - 2).unsqueeze(-1)  # [n, T]
+    completion_mask = (steps < length - torch.arange(n).remainder(3).unsqueeze(-1)).long()  # [n, T]
+    weights = torch.where(thinking_mask.unsqueeze(-1), weights, torch.eye(width)[0])
+    return input_ids, mask, ids, weights, completion_mask, thinking_mask
+
+
+def _brute_force(model, input_ids, mask, ids, weights, completion_mask, thinking_mask, temperature):
+    """[B, T] from the model's own full logits (its scale, softcap and bias included): log_softmax(logits / T) at
+    every slot of a thinking position, summed, and at slot 0 of an answer position."""
+    emb = model.get_input_embeddings()
+    completion = (emb(ids) * weights.unsqueeze(-1)).sum(-2)
+    full_mask = torch.cat([mask, completion_mask.long()], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        inputs_embeds=torch.cat([emb(input_ids), completion], 1), attention_mask=full_mask, position_ids=pos
+    ).logits
+    per_slot = (logits[:, input_ids.size(1) - 1 : -1] / temperature).log_softmax(-1).gather(-1, ids)  # [B, T, K]
+    return torch.where(thinking_mask, per_slot.sum(-1), per_slot[..., 0]) * completion_mask
+
+
+def _tiny_head_model(tok, head):
+    """A tiny causal LM whose LM head does more than h . W: Gemma-2's final-logit softcap, Cohere's logit scale,
+    Granite's logit divisor, or a bias (the tiny Llama with lm_head replaced by a biased nn.Linear)."""
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    common = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": None,
+        "tie_word_embeddings": False,
+        "attn_implementation": "eager",
+    }
+    if head == "bias":
+        model = tiny_model(tok)
+        biased = torch.nn.Linear(32, len(tok), bias=True)
+        with torch.no_grad():
+            biased.weight.copy_(model.lm_head.weight)
+            biased.bias.normal_(0.0, 2.0)
+        model.lm_head = biased
+        return model.eval()
+    if head == "softcap":  # logits = 3 tanh(logits / 3): well inside the curved part of tanh at these logits
+        model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0))
+    elif head == "logit_scale":  # logits * 2.5
+        model = CohereForCausalLM(CohereConfig(**common, logit_scale=2.5))
+    else:  # logits / 4
+        model = GraniteForCausalLM(GraniteConfig(**common, logits_scaling=4.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("head", ["softcap", "logit_scale", "logits_scaling", "bias"])
+def test_logit_transforms_and_lm_head_bias_equal_brute_force(tok, head):
+    """Log-probs and gradients through a soft-capped, scaled or biased LM head equal autograd through the model's own
+    full logits (the parameter gradients cover d/dhidden, d/dW and d/dbias)."""
+    model = _tiny_head_model(tok, head)
+    input_ids, mask, ids, weights, completion_mask, thinking_mask = _stored_slots(tok, 3)
+    ours = multiplex_logprobs(
+        model, input_ids, mask, ids, weights, completion_mask, temperature=0.7, thinking_mask=thinking_mask
+    )
+    upstream = torch.linspace(0.5, 1.5, ours.numel()).view_as(ours)
+    (ours * upstream).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    brute = _brute_force(model, input_ids, mask, ids, weights, completion_mask, thinking_mask, temperature=0.7)
+    torch.testing.assert_close(ours, brute, atol=1e-5, rtol=1e-5)
+    (brute * upstream).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    assert thinking_mask.any() and (~thinking_mask & completion_mask.bool()).any()
+
+
+def test_chunked_batch_equals_one_pass(tok, model):
+    """batch_size=2 over 6 rows (TRL's chunked old-policy pass) gives the same log-probs and entropies as one pass:
+    each chunk scores its own rows' prompts, slots, weights and masks."""
+    input_ids, mask, ids, weights, completion_mask, thinking_mask = _stored_slots(tok, 6)
+    with torch.no_grad():
+        whole = multiplex_logprobs(
+            model, input_ids, mask, ids, weights, completion_mask, temperature=0.7, thinking_mask=thinking_mask,
+            compute_entropy=True,
+        )  # fmt: skip
+        chunked = multiplex_logprobs(
+            model, input_ids, mask, ids, weights, completion_mask, temperature=0.7, thinking_mask=thinking_mask,
+            compute_entropy=True, batch_size=2,
+        )  # fmt: skip
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

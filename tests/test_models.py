@@ -1,6 +1,5 @@
 import importlib.util
 import os
-import time
 
 import pytest
 import torch
@@ -86,8 +85,6 @@ def test_conversion_matches_the_gguf_model_and_is_cached(tmp_path, capsys):
         torch.testing.assert_close(model(ids).logits, gguf_model(ids).logits, atol=1e-4, rtol=1e-4)
 
     mtime = os.path.getmtime(os.path.join(path, "model.safetensors"))
-    start = time.perf_counter()
     assert models.prepare_demo_model(tmp_path) == path
-    assert time.perf_counter() - start < 1.0
     assert "Converting" not in capsys.readouterr().out
     assert os.path.getmtime(os.path.join(path, "model.safetensors")) == mtime

@@ -24,7 +24,7 @@ from . import hub
 from .config import MultiplexGRPOConfig
 from .data import load_prompts
 from .inference import find_model
-from .rewards import check_reward_columns, get_reward_funcs, set_thinking_end
+from .rewards import check_reward_columns, get_reward_funcs
 from .trainer import MultiplexGRPOTrainer, thinking_end_ids
 
 
@@ -230,7 +230,6 @@ def main(argv: list[str] | None = None) -> str:
         )
     resume = resume_checkpoint(training_args)
     _check_output_dir(script_args, training_args, resume)
-    set_thinking_end(training_args.thinking_end)  # the rewards grade the text after the marker
 
     # As TRL's grpo script: the trainer loads the model from its path with these kwargs (ZeRO-3 init included).
     model_init_kwargs = {

@@ -104,6 +104,14 @@ class MultiplexGRPOConfig(GRPOConfig):
         state["hub_token"] = None
         return state
 
+    def rollout_filters(self) -> dict:
+        """The `top_p`, `top_k` and `min_p` the multiplex rollout samples with: the fields, overridden by
+        `generation_kwargs` as in TRL's own generation."""
+        filters = {key: getattr(self, key) for key in ROLLOUT_GENERATION_KWARGS}
+        if not self.use_vllm:
+            filters.update({k: v for k, v in (self.generation_kwargs or {}).items() if k in ROLLOUT_GENERATION_KWARGS})
+        return filters
+
     def __post_init__(self):
         # Checked before GRPOConfig's own checks so the message names our field first.
         width = self.multiplex_width

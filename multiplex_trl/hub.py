@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import ROLLOUT_GENERATION_KWARGS, MultiplexGRPOConfig
+from .config import MultiplexGRPOConfig
 from .mixers import MIXERS
 
 
@@ -68,8 +68,7 @@ def multiplex_settings(args: MultiplexGRPOConfig) -> dict:
         settings[p] = getattr(args, p, getattr(args, f"multiplex_{p}", None))
     for key, name in DECODING_FIELDS.items():
         settings[key] = getattr(args, name)
-    if not getattr(args, "use_vllm", False):  # the rollout samples with generation_kwargs' filters where given
-        settings.update({k: v for k, v in (args.generation_kwargs or {}).items() if k in ROLLOUT_GENERATION_KWARGS})
+    settings.update(args.rollout_filters())  # what the rollout sampled with (generation_kwargs included)
     if not settings["top_k"] or settings["top_k"] < 0:  # TRL's 0 and vLLM's -1 mean no top-k filter
         settings["top_k"] = None
     return {"method": "multiplex_thinking", "paper": PAPER_URL, **settings}

@@ -21,7 +21,7 @@ from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
-from .config import ROLLOUT_GENERATION_KWARGS, MultiplexGRPOConfig
+from .config import MultiplexGRPOConfig
 from .logprobs import add_multiplex_head, multiplex_logprobs, unwrap_model
 from .mixers import mixer_from_config
 from .rewards import set_thinking_end
@@ -185,10 +185,8 @@ class MultiplexGRPOTrainer(GRPOTrainer):
 
         self.multiplex = multiplex
         self.mixer = mixer_from_config(args)
-        if multiplex:  # TRL's generation_kwargs override the sampling fields (the config admits only these keys)
-            for key in ROLLOUT_GENERATION_KWARGS:
-                if key in (args.generation_kwargs or {}):
-                    setattr(self, key, args.generation_kwargs[key])
+        for key, value in args.rollout_filters().items():  # generation_kwargs override the fields, as in TRL
+            setattr(self, key, value)
         self.thinking_end_ids = marker_ids or thinking_end_ids(self._tokenizer, args.thinking_end)
         if self.multiplex:
             if self._is_vlm:

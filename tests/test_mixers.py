@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import Scripted, Steered, chat_batch, recompute
+from conftest import Scripted, Steered, chat_batch, generate_rollout, recompute
 
 from multiplex_trl import MultiplexGRPOConfig
 from multiplex_trl.mixers import MIXERS, Mixer, get_mixer
@@ -192,21 +192,8 @@ def test_answer_phase_samples_the_policy_for_every_mixer(tok, model, name):
             v[toks] = pi.log()
         return v
 
-    input_ids, mask = chat_batch(tok, ["q"])
-    n = 4000
     torch.manual_seed(0)
-    r = multiplex_generate(
-        Scripted(model, bias),
-        input_ids.repeat(n, 1),
-        mask.repeat(n, 1),
-        width=3,
-        mixer=name,
-        max_new_tokens=2,
-        thinking_end_ids=[marker],
-        eos_token_ids=[1],
-        pad_token_id=0,
-        generator=torch.Generator().manual_seed(0),
-    )
+    r, _, _ = generate_rollout(Scripted(model, bias), tok, ["q"] * 4000, mixer=name, max_new_tokens=2)
     assert (r.ids[:, 0, 0] == marker).all() and not r.thinking_mask[:, 1].any()
     answer = r.ids[:, 1, 0]
     freq = torch.stack([(answer == t).float().mean() for t in toks])

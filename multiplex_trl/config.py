@@ -163,6 +163,14 @@ class MultiplexGRPOConfig(GRPOConfig):
                 "use_vllm=True cannot run multiplex rollouts (vLLM cannot feed a merged embedding per step): set "
                 "use_vllm=False, or multiplex_width=1 for discrete GRPO with vLLM."
             )
+        if self.use_vllm:  # width 1 with vLLM is TRL's own generation: the rollout's settings would do nothing
+            defaults = {f.name: f.default for f in fields(self)}
+            changed = [name for name in ROLLOUT_ONLY_FIELDS if getattr(self, name) != defaults[name]]
+            if changed:
+                raise ValueError(
+                    f"{changed[0]} needs the multiplex rollout, but use_vllm=True runs TRL's vLLM generation: remove "
+                    f"{changed[0]}, or set use_vllm=False."
+                )
         if not self.use_vllm:  # the multiplex rollout runs its own decode loop
             check_decode_options(self.cache_implementation, self.multiplex_compile)
         if not self.use_vllm and self.repetition_penalty != 1.0:  # the multiplex rollout runs at width 1 too
@@ -171,6 +179,10 @@ class MultiplexGRPOConfig(GRPOConfig):
                 "multiplex_width=1)."
             )
         super().__post_init__()
+        # TRL reads these only once a rollout has been scored; a misspelling is found here, before the model loads.
+        for name, allowed in TRL_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
         if not self.use_vllm:  # after GRPOConfig's parsing of dict fields given as JSON strings
             _check_generation_kwargs(self.generation_kwargs)
             if self.use_transformers_continuous_batching:
@@ -188,6 +200,23 @@ class MultiplexGRPOConfig(GRPOConfig):
 
 # The loss types of the pinned TRL's GRPOTrainer._compute_loss.
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# The values the pinned TRL's GRPOTrainer accepts for these (scale_rewards after GRPOConfig maps True/False).
+TRL_CHOICES = {
+    "importance_sampling_level": ("token", "sequence"),
+    "scale_rewards": ("group", "batch", "none"),
+    "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+}
+# Fields only the multiplex rollout reads (not TRL's vLLM generation at width 1).
+ROLLOUT_ONLY_FIELDS = (
+    "max_thinking_tokens",
+    "mixer",
+    "multiplex_merge",
+    "multiplex_compile",
+    "dirichlet_gamma",
+    "gumbel_tau",
+    "cold_stop_entropy",
+    "cold_stop_steps",
+)
 # Sampling keys of `generation_kwargs` the multiplex rollout applies (over the fields of the same name), as TRL's
 # generate path does; `do_sample=True` is what it does anyway.
 ROLLOUT_GENERATION_KWARGS = ("top_p", "top_k", "min_p")

@@ -10,16 +10,15 @@ Four hooks are overridden; everything else (rewards, advantages, every loss type
 from __future__ import annotations
 
 import functools
-import inspect
 import signal
 import threading
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
-from trl.trainer.utils import pad
+from trl.trainer.utils import is_async_callable, pad
 
 from .config import MultiplexGRPOConfig
 from .logprobs import add_multiplex_head, multiplex_logprobs, unwrap_model
@@ -171,11 +170,22 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                     )
         # The marker is checked before any model is loaded.
         tokenizer = kwargs.get("processing_class")
-        if tokenizer is None and isinstance(model, str):
-            tokenizer = AutoTokenizer.from_pretrained(
-                model, padding_side="left", truncation_side="left", trust_remote_code=args.trust_remote_code
+        if tokenizer is None and isinstance(
+            model, str
+        ):  # loaded as TRL loads it: AutoProcessor at the model's revision
+            tokenizer = AutoProcessor.from_pretrained(
+                model,
+                revision=(args.model_init_kwargs or {}).get("revision"),
+                padding_side="left",
+                truncation_side="left",
+                trust_remote_code=args.trust_remote_code,
             )
             kwargs["processing_class"] = tokenizer
+        if multiplex and isinstance(tokenizer, ProcessorMixin):
+            raise ValueError(
+                "Vision-language models are not supported with multiplex rollouts (the model came with a multimodal "
+                "processor): use a text-only causal LM, or trl.GRPOTrainer."
+            )
         if not isinstance(tokenizer, PreTrainedTokenizerBase) and tokenizer is not None:
             tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         marker_ids = thinking_end_ids(tokenizer, args.thinking_end) if tokenizer is not None else None
@@ -189,8 +199,6 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             setattr(self, key, value)
         self.thinking_end_ids = marker_ids or thinking_end_ids(self._tokenizer, args.thinking_end)
         if self.multiplex:
-            if self._is_vlm:
-                raise ValueError("Vision-language models are not supported with multiplex rollouts.")
             if self.aux_loss_enabled:
                 raise ValueError(
                     "MoE router aux loss is not supported with multiplex log-probs: set router_aux_loss_coef=0."
@@ -210,9 +218,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             if self.ref_model is not None:
                 add_multiplex_head(unwrap_model(self.ref_model))
         self.reward_funcs = [  # reward models and async functions keep TRL's own handling
-            f
-            if isinstance(f, torch.nn.Module) or inspect.iscoroutinefunction(f)
-            else guard_reward(f, args.reward_error)
+            f if isinstance(f, torch.nn.Module) or is_async_callable(f) else guard_reward(f, args.reward_error)
             for f in self.reward_funcs
         ]
         self._sigterm = SaveOnSigterm()
@@ -241,8 +247,9 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                 f"model's max_position_embeddings={limit}: shorten the prompts or lower max_completion_length."
             )
         prompts = [torch.tensor(ids) for ids in prompt_ids]
-        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
-        attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, padding_side="left").to(device)
+        padding = {"padding_side": "left", "pad_to_multiple_of": self.pad_to_multiple_of}  # as TRL pads prompts
+        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, **padding).to(device)
+        attention_mask = pad([torch.ones_like(p) for p in prompts], padding_value=0, **padding).to(device)
         args = self.args
         with (
             unwrap_model_for_generation(

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from multiplex_trl import MultiplexGRPOConfig, MultiplexGRPOTrainer
 
@@ -46,12 +47,52 @@ def test_defaults_are_the_papers():
         ({"gumbel_tau": 0.3}, "gumbel_tau applies to mixer='gumbel' only, but mixer is 'multiplex'"),
         ({"cold_stop_entropy": 0.01}, "cold_stop_entropy applies to mixer='soft' only"),
         ({"mixer": "dirichlet", "multiplex_merge": "averaged"}, "multiplex_merge applies to mixer='multiplex' only"),
+        # TRL: after the model loads and a whole rollout has been scored
+        ({"importance_sampling_level": "seq"}, r"importance_sampling_level must be one of \['token', 'sequence'\]"),
+        ({"scale_rewards": "groups"}, r"scale_rewards must be one of \['group', 'batch', 'none'\], got 'groups'"),
+        ({"multi_objective_aggregation": "sum"}, r"multi_objective_aggregation must be one of"),
+        # width 1 with vLLM is TRL's generation: the multiplex rollout's settings would be ignored
+        (
+            {"multiplex_width": 1, "use_vllm": True, "max_thinking_tokens": 2},
+            "max_thinking_tokens needs the multiplex",
+        ),
+        ({"multiplex_width": 1, "use_vllm": True, "mixer": "dirichlet"}, "mixer needs the multiplex rollout"),
+        ({"multiplex_width": 1, "use_vllm": True, "multiplex_merge": "averaged"}, "multiplex_merge needs the"),
+        ({"multiplex_width": 1, "use_vllm": True, "multiplex_compile": True}, "multiplex_compile needs the"),
     ],
 )
 def test_bad_config_is_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         _config(**kwargs)
     assert "\n" not in str(info.value)
+
+
+def _recorded_rollout(tok, model, monkeypatch, **config):
+    """One generation batch of 4 completions of a short and a long prompt; returns the keyword arguments (and the
+    prompt ids, as `input_ids`) the trainer gave `multiplex_generate`, and the batch."""
+    from datasets import Dataset
+
+    import multiplex_trl.trainer as trainer_module
+
+    args = _config(max_completion_length=12, num_generations=2, per_device_train_batch_size=4, **config)
+    prompts = [[{"role": "user", "content": q}] for q in ("1+1?", "what is the sum of one and one?")]
+    trainer = MultiplexGRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts * 2}),
+        processing_class=tok,
+    )
+    seen = {}
+    rollout = trainer_module.multiplex_generate
+
+    def recording(model, input_ids, attention_mask, **kw):
+        seen.update(kw, input_ids=input_ids, attention_mask=attention_mask)
+        return rollout(model, input_ids, attention_mask, **kw)
+
+    monkeypatch.setattr(trainer_module, "multiplex_generate", recording)
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(2)])
+    return seen, batch
 
 
 @pytest.mark.parametrize(
@@ -62,31 +103,12 @@ def test_bad_config_is_one_clear_error(kwargs, match):
 def test_generation_kwargs_set_the_rollouts_sampling(tok, model, monkeypatch, generation_kwargs):
     """TRL's generation_kwargs override top_p / top_k / min_p; the multiplex rollout ignored them. Each of these
     settings alone makes sampling greedy."""
-    from datasets import Dataset
-
-    import multiplex_trl.trainer as trainer_module
-
-    args = _config(generation_kwargs=generation_kwargs, max_completion_length=12, num_generations=4)
-    args.per_device_train_batch_size = 4
-    trainer = MultiplexGRPOTrainer(
-        model=model,
-        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1?"}]] * 4}),
-        processing_class=tok,
-    )
-    seen = {}
-    rollout = trainer_module.multiplex_generate
-
-    def recording(*a, **kw):
-        seen.update(kw)
-        return rollout(*a, **kw)
-
-    monkeypatch.setattr(trainer_module, "multiplex_generate", recording)
-    batch = trainer._generate_and_score_completions([{"prompt": [{"role": "user", "content": "1+1?"}]}] * 4)
+    seen, batch = _recorded_rollout(tok, model, monkeypatch, generation_kwargs=generation_kwargs)
+    args = _config(generation_kwargs=generation_kwargs)
     for key in ("top_p", "top_k", "min_p"):
         assert seen[key] == generation_kwargs.get(key, getattr(args, key)), key
-    assert (batch["completion_ids"] == batch["completion_ids"][:1]).all()  # top-k 1: greedy, one text
+    ids = batch["completion_ids"]
+    assert (ids[:2] == ids[:1]).all() and (ids[2:] == ids[2:3]).all()  # top-k 1: greedy, one text a prompt
     assert (
         batch["multiplex_ids"][..., 1:][batch["thinking_mask"]]
         == batch["multiplex_ids"][..., :1][batch["thinking_mask"]]
@@ -148,3 +170,110 @@ def test_the_accepted_loss_types_are_the_pinned_trls():
     help_text = GRPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
     supported = re.findall(r"'(\w+)'", help_text.split("Supported values are")[1].split(". ")[0])
     assert sorted(supported) == sorted(TRL_LOSS_TYPES)
+
+
+def test_settings_trl_accepts_are_accepted():
+    """The choices checked before the model loads are exactly TRL's: its spellings (and scale_rewards' booleans) pass,
+    and vLLM at width 1 with the rollout's fields at their defaults is TRL's own path."""
+    for level in ("token", "sequence"):
+        _config(importance_sampling_level=level, loss_type="grpo")
+    assert [_config(scale_rewards=v).scale_rewards for v in (True, False, "batch")] == ["group", "none", "batch"]
+    _config(multi_objective_aggregation="normalize_then_sum")
+    args = _config(multiplex_width=1, use_vllm=True, thinking_end="Answer:", reward_error="none")
+    assert args.use_vllm and args.multiplex_width == 1
+
+
+def test_async_callable_reward_is_awaited(tok, model):
+    """A reward given as an instance whose `__call__` is async (TRL's `is_async_callable`) keeps TRL's async handling;
+    wrapped in the synchronous guard it returned an unawaited coroutine (TypeError)."""
+    from datasets import Dataset
+
+    class Judge:
+        async def __call__(self, completions, **kwargs):
+            return [float(len(c[0]["content"])) for c in completions]
+
+    args = _config(max_completion_length=12, num_generations=4, per_device_train_batch_size=4)
+    prompts = [[{"role": "user", "content": "1+1?"}]] * 4
+    trainer = MultiplexGRPOTrainer(
+        model=model,
+        reward_funcs=Judge(),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tok,
+    )
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts])
+    lengths = torch.tensor(
+        [float(len(t)) for t in tok.batch_decode(batch["completion_ids"], skip_special_tokens=True)]
+    )
+    centred = lengths - lengths.mean()
+    expected = centred / (lengths.std() + 1e-4)
+    torch.testing.assert_close(batch["advantages"], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_tokenizer_is_loaded_at_the_models_revision(tiny_model_dir, monkeypatch):
+    """Given a model path, the processing class comes from AutoProcessor at model_init_kwargs' revision, as TRL loads
+    it (the tokenizer was read from the default branch while the model came from the asked revision)."""
+    import transformers
+    from datasets import Dataset
+
+    seen = []
+    real = transformers.AutoProcessor.from_pretrained.__func__
+
+    def recording(cls, name, *a, **kw):
+        seen.append(kw.pop("revision", "<none>"))  # a local folder has no revisions to load from
+        return real(cls, name, *a, **kw)
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", classmethod(recording))
+    MultiplexGRPOTrainer(
+        model=tiny_model_dir,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=_config(model_init_kwargs={"revision": "v1.0"}),
+        train_dataset=Dataset.from_dict({"prompt": ["1+1?"] * 8}),
+    )
+    assert seen and set(seen) == {"v1.0"}
+
+
+def test_vision_language_model_path_is_refused_before_it_loads(tmp_path, tok, monkeypatch):
+    """A VLM given as a path gets a multimodal processor: refused before the model loads (it was accepted and its
+    text model ran multiplex rollouts), as is one given with its processor."""
+    import transformers
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+    text = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32}
+    text.update(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path)
+    image_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    processor = LlavaProcessor(
+        image_processor=image_processor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+        tokenizer=tok,
+        chat_template=tok.chat_template,
+        patch_size=14,
+        image_token="<image>",
+    )
+    processor.save_pretrained(tmp_path)
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the processor was checked")
+
+    monkeypatch.setattr("trl.trainer.grpo_trainer.create_model_from_path", no_load)
+    for given in ({}, {"processing_class": processor}):
+        with pytest.raises(ValueError, match="Vision-language models are not supported with multiplex rollouts"):
+            MultiplexGRPOTrainer(
+                model=str(tmp_path), reward_funcs=lambda completions, **kw: [0.0], args=_config(), **given
+            )
+
+
+def test_rollout_prompts_are_padded_to_pad_to_multiple_of(tok, model, monkeypatch):
+    """pad_to_multiple_of pads the rollout's prompt batch as TRL pads its prompts (fewer shapes to compile)."""
+    seen, batch = _recorded_rollout(tok, model, monkeypatch)
+    assert seen["input_ids"].size(1) % 16 != 0  # otherwise the check below proves nothing
+    longest = seen["attention_mask"].sum(-1).max()
+    seen, batch = _recorded_rollout(tok, model, monkeypatch, pad_to_multiple_of=16)
+    assert seen["input_ids"].size(1) % 16 == 0 and seen["attention_mask"].sum(-1).max() == longest
+    assert (seen["attention_mask"][:, 0] == 0).all()  # left padding
+    assert batch["completion_mask"].any()

@@ -348,7 +348,9 @@ def test_width_one_reproduces_trl_loss(tmp_path, tok, tiny_model_dir, fp32_head)
 
 
 def test_vllm_with_width_one_falls_through_to_trl(tmp_path, tok):
-    args = _args(tmp_path, multiplex_width=1, use_vllm=True)
+    args = _args(
+        tmp_path, multiplex_width=1, use_vllm=True, max_thinking_tokens=None
+    )  # no budget: no multiplex rollout
     with pytest.raises(ImportError, match="vLLM"):  # TRL's own vLLM path, which needs vllm installed
         _trainer(tok, tiny_model(tok), args)
 

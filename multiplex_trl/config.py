@@ -185,6 +185,11 @@ class MultiplexGRPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
         if not self.use_vllm:  # after GRPOConfig's parsing of dict fields given as JSON strings
             _check_generation_kwargs(self.generation_kwargs)
+            if (self.chat_template_kwargs or {}).get("enable_thinking") is False:
+                raise ValueError(
+                    "chat_template_kwargs enable_thinking=False renders every prompt with thinking already closed, so "
+                    "the multiplex rollout has no thinking phase: remove it (trl.GRPOTrainer trains without thinking)."
+                )
             if self.use_transformers_continuous_batching:
                 raise ValueError(
                     "use_transformers_continuous_batching does not apply: the multiplex rollout runs its own decode "

@@ -233,12 +233,15 @@ def test_tokenizer_is_loaded_at_the_models_revision(tiny_model_dir, monkeypatch)
     assert seen and set(seen) == {"v1.0"}
 
 
-def test_vision_language_model_path_is_refused_before_it_loads(tmp_path, tok, monkeypatch):
+def test_vision_language_model_path_is_refused_before_it_loads(tmp_path, monkeypatch):
     """A VLM given as a path gets a multimodal processor: refused before the model loads (it was accepted and its
     text model ran multiplex rollouts), as is one given with its processor."""
     import transformers
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+    from multiplex_trl.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()  # its own: an image token is added
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
     text = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32}
     text.update(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id)
@@ -277,3 +280,23 @@ def test_rollout_prompts_are_padded_to_pad_to_multiple_of(tok, model, monkeypatc
     assert seen["input_ids"].size(1) % 16 == 0 and seen["attention_mask"].sum(-1).max() == longest
     assert (seen["attention_mask"][:, 0] == 0).all()  # left padding
     assert batch["completion_mask"].any()
+
+
+def test_prompts_that_close_thinking_are_refused(model, monkeypatch):
+    """A template that renders thinking already closed (Qwen3's enable_thinking=False) left no thinking phase, yet the
+    rollout decoded and trained the answer as multiplex thinking: the kwarg is refused with the config, and a prompt
+    ending with the marker when it is generated."""
+    from multiplex_trl.testing import CHAT_TEMPLATE, tiny_tokenizer
+
+    tok = tiny_tokenizer()  # its own: its chat template is changed
+    with pytest.raises(ValueError, match="enable_thinking=False renders every prompt with thinking already closed"):
+        _config(chat_template_kwargs='{"enable_thinking": false}')
+    _config(chat_template_kwargs={"enable_thinking": True})
+    _recorded_rollout(tok, model, monkeypatch)  # the template opens thinking: accepted
+    opening = "{% if add_generation_prompt %}<|assistant|><think>{% endif %}"
+    assert opening in CHAT_TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE.replace(opening, opening.replace("<think>", "<think></think>\n"))
+    with pytest.raises(
+        ValueError, match=r"a prompt already ends with thinking_end='</think>' \(\.\.\.'.*</think>\\n'\)"
+    ):
+        _recorded_rollout(tok, model, monkeypatch)

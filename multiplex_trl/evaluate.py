@@ -500,20 +500,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings.update(model=args.model, datasets={name: len(rows) for name, rows in problems.items()})
     model, tokenizer = load_model(path, args.device)
-    report = evaluate(
-        model,
-        tokenizer,
-        problems,
-        methods,
-        n=args.n,
-        ks=ks,
-        output_dir=output,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        settings=settings,
-        cache_implementation=args.cache_implementation,
-        compile=args.compile,
-    )
+    try:
+        report = evaluate(
+            model,
+            tokenizer,
+            problems,
+            methods,
+            n=args.n,
+            ks=ks,
+            output_dir=output,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            settings=settings,
+            cache_implementation=args.cache_implementation,
+            compile=args.compile,
+        )
+    except UsageError as error:  # what only the loaded tokenizer shows (no chat template, a prompt closing thinking)
+        print(f"multiplex-trl eval: error: {error}", file=sys.stderr)
+        return 2
     print()
     print(summary_table(report["results"]))
     differing = differing_settings(methods)

@@ -31,7 +31,7 @@ from .mixers.base import constructor_defaults
 from .models import DEMO_MODEL_ALIASES, resolve_model_name_or_path
 from .rollout import multiplex_generate
 from .static_decode import check_compiled_window, check_decode_options
-from .trainer import thinking_end_ids
+from .trainer import check_prompts_open_thinking, thinking_end_ids
 
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's maximum response length (thinking and answer together)
@@ -272,6 +272,11 @@ def decode_batch(
     device = next(model.parameters()).device
     marker = thinking_end_ids(tokenizer, decoding.thinking_end)
     input_ids, attention_mask = encode_prompts(tokenizer, conversations, device)
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+    try:
+        check_prompts_open_thinking(tokenizer, prompts, decoding.thinking_end, marker)
+    except ValueError as error:  # the CLIs print it in one line
+        raise UsageError(str(error)) from None
     with global_rng_from(generator):
         rollout = multiplex_generate(
             model,
@@ -643,18 +648,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multiplex-trl generate: error: {error}", file=sys.stderr)
         return 2
     model, tokenizer = load_model(path, args.device)
-    results = decode_prompts(
-        model,
-        tokenizer,
-        args.prompt,
-        decoding,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        system_prompt=args.system_prompt,
-        cache_implementation=args.cache_implementation,
-        compile=args.compile,
-    )
+    try:
+        results = decode_prompts(
+            model,
+            tokenizer,
+            args.prompt,
+            decoding,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            system_prompt=args.system_prompt,
+            cache_implementation=args.cache_implementation,
+            compile=args.compile,
+        )
+    except UsageError as error:  # what only the loaded tokenizer shows (no chat template, a prompt closing thinking)
+        print(f"multiplex-trl generate: error: {error}", file=sys.stderr)
+        return 2
     for p, samples in enumerate(results):
         for s, sample in enumerate(samples):
             if len(results) > 1 or len(samples) > 1:

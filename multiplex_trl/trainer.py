@@ -58,6 +58,20 @@ def thinking_end_ids(tokenizer: PreTrainedTokenizerBase, marker: str) -> list[in
     return ids
 
 
+def check_prompts_open_thinking(tokenizer, prompt_ids, marker: str, marker_ids: list[int]) -> None:
+    """A prompt that already ends with the marker (a chat template that closes thinking) would have its answer decoded
+    and trained as multiplex thinking: refuse it. `prompt_ids`: each prompt's ids, without padding."""
+    tail = len(marker_ids) + 8  # the marker and some trailing whitespace tokens
+    for ids in prompt_ids:
+        text = tokenizer.decode(ids[-tail:])
+        if marker.strip() and text.rstrip().endswith(marker.strip()):
+            raise ValueError(
+                f"a prompt already ends with thinking_end={marker!r} (...{text[-40:]!r}), so its completion would have "
+                "no thinking phase: use a chat template that opens thinking, or set thinking_end to the marker the "
+                "model writes."
+            )
+
+
 def _pad_time(x: torch.Tensor, length: int, value) -> torch.Tensor:
     """Right-pad dim 1 of `x` to `length`."""
     if x.size(1) >= length:
@@ -246,7 +260,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                 f"a prompt of {longest} tokens plus max_completion_length={self.max_completion_length} exceeds the "
                 f"model's max_position_embeddings={limit}: shorten the prompts or lower max_completion_length."
             )
-        self._check_prompts_open_thinking(prompt_ids)
+        check_prompts_open_thinking(self._tokenizer, prompt_ids, self.args.thinking_end, self.thinking_end_ids)
         prompts = [torch.tensor(ids) for ids in prompt_ids]
         padding = {"padding_side": "left", "pad_to_multiple_of": self.pad_to_multiple_of}  # as TRL pads prompts
         input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, **padding).to(device)
@@ -275,20 +289,6 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         self._active_slots = (rollout.ids, rollout.weights, rollout.thinking_mask)
         completion_ids = [row[:n].tolist() for row, n in zip(rollout.completion_ids.cpu(), rollout.lengths())]
         return completion_ids, None
-
-    def _check_prompts_open_thinking(self, prompt_ids) -> None:
-        """A prompt that already ends with the marker (a chat template that closes thinking) would have its answer
-        decoded and trained as multiplex thinking: refuse it."""
-        marker = self.args.thinking_end.strip()
-        tail = len(self.thinking_end_ids) + 8  # the marker and some trailing whitespace tokens
-        for ids in prompt_ids:
-            text = self._tokenizer.decode(ids[-tail:])
-            if marker and text.rstrip().endswith(marker):
-                raise ValueError(
-                    f"a prompt already ends with thinking_end={self.args.thinking_end!r} (...{text[-40:]!r}), so its "
-                    "completion would have no thinking phase: use a chat template that opens thinking, or set "
-                    "thinking_end to the marker the model writes."
-                )
 
     def _non_finite(self, what: str) -> str:
         return (

@@ -290,3 +290,36 @@ def test_generate_refuses_counts_below_one_before_loading(tiny_model_dir, capsys
     name, value = flags[0][2:].replace("-", "_"), int(flags[1])
     with pytest.raises(UsageError, match=f"{name} must be an integer >= 1, got {value}"):
         generate(tiny_model_dir, "hi", **{name: value})
+
+
+def test_a_template_that_closes_thinking_is_one_line_error(tiny_model_dir, tmp_path, capsys):
+    """A chat template that renders thinking already closed leaves no thinking phase: generate and eval say so in one
+    line after the model loads (they decoded the answer as multiplex thinking), and eval records no results."""
+    import re
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from multiplex_trl import cli
+    from multiplex_trl.testing import CHAT_TEMPLATE
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    opening = "{% if add_generation_prompt %}<|assistant|><think>{% endif %}"
+    tokenizer.chat_template = CHAT_TEMPLATE.replace(opening, opening.replace("<think>", "<think></think>\n"))
+    tokenizer.save_pretrained(model_dir)
+    message = r"error: a prompt already ends with thinking_end='</think>' \(\.\.\.'.*<think></think>\\n'\), so its"
+    assert inference.main(["--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "4"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the weights' loading bar
+    assert re.match("multiplex-trl generate: " + message, last)
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(model_dir), "--dataset", str(data), "--n", "1", "--max-new-tokens", "4"]
+    assert cli.main([*args, "--output", str(out), "--device", "cpu"]) == 2
+    assert re.match("multiplex-trl eval: " + message, capsys.readouterr().err.strip().splitlines()[-1])
+    assert (
+        json.loads((out / "results.json").read_text())["results"] == {}
+    )  # the settings only, written before sampling

@@ -11,6 +11,9 @@ where z_j = h . W[k_j] is one dot product per slot, so K costs no extra vocabula
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,6 +34,32 @@ _VOCAB_CHUNK = 32768  # TRL's _CHUNKED_LOGPROB_CHUNK_SIZE: the widest float32 lo
 class MultiplexLogProbs(ModelOutput):
     log_probs: torch.Tensor | None = None  # [B, T] per-position factorised log-prob, 0 off the completion
     entropy: torch.Tensor | None = None  # [B, T] entropy of pi at each position
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss of this forward's router logits, when asked
+
+
+def router_aux_loss_function(model):
+    """The MoE load-balancing loss of `model` as its own forward computes it from its base model's router logits:
+    `fn(router_logits, attention_mask)`, or None where the architecture computes it some other way.
+
+    transformers' MoE causal LMs call their module's `load_balancing_loss_func(router_logits, num_experts,
+    num_experts_per_tok, attention_mask)`; tests/test_logprobs.py checks the result against the model's own aux_loss.
+    """
+    func = _load_balancing_loss_func(type(model))
+    experts, top_k = getattr(model, "num_experts", None), getattr(model, "num_experts_per_tok", None)
+    if func is None or not isinstance(experts, int) or not isinstance(top_k, int):
+        return None
+    return lambda router_logits, attention_mask: func(router_logits, experts, top_k, attention_mask)
+
+
+@functools.cache
+def _load_balancing_loss_func(cls):
+    """The module's `load_balancing_loss_func` where `cls.forward` calls it with the common arguments, else None."""
+    func = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+    if func is None:
+        return None
+    source = " ".join(inspect.getsource(cls.forward).split()).replace("( ", "(")
+    call = "load_balancing_loss_func(outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask"
+    return func if call in source else None
 
 
 def _logit_transform(config) -> tuple[float, float | None]:
@@ -79,6 +108,7 @@ def add_multiplex_head(model) -> None:
         multiplex_temperature=1.0,
         multiplex_entropy=False,
         multiplex_fp32_head=False,
+        multiplex_aux_loss=False,
         **kwargs,
     ):
         if multiplex_ids is None:
@@ -94,12 +124,14 @@ def add_multiplex_head(model) -> None:
         merged = merge_slot_embeddings(slot_embeds, multiplex_weights)
         inputs_embeds = torch.cat([flat[: batch * prompt_len].view(batch, prompt_len, -1), merged], dim=1)
         full_mask = torch.cat([attention_mask, multiplex_completion_mask.to(attention_mask.dtype)], dim=1)
+        if multiplex_aux_loss:
+            kwargs["output_router_logits"] = True
         out = self.base_model(
             inputs_embeds=inputs_embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False, **kwargs
         )
         length = multiplex_ids.size(1)
         hidden = out.last_hidden_state[:, prompt_len - 1 : prompt_len - 1 + length]  # [B, T, H] predicts each slot
-        return _score_slots(
+        scored = _score_slots(
             self.get_output_embeddings(),
             hidden,
             multiplex_ids,
@@ -111,6 +143,9 @@ def add_multiplex_head(model) -> None:
             entropy=multiplex_entropy,
             fp32_head=multiplex_fp32_head,
         )
+        if multiplex_aux_loss:
+            scored.aux_loss = router_aux_loss_function(self)(out.router_logits, full_mask)
+        return scored
 
     model.forward = types.MethodType(forward, model)
     model._multiplex_head = True
@@ -230,6 +265,7 @@ def multiplex_logprobs(
     batch_size: int | None = None,
     mixer: Mixer | str = "multiplex",
     cast_lm_head_to_fp32: bool = False,
+    compute_aux_loss: bool = False,
 ):
     """Per-position log-probs [B, T] of stored multiplex completions (and entropies [B, T] when asked), in autograd.
 
@@ -237,13 +273,15 @@ def multiplex_logprobs(
     Without `thinking_mask`, every position is scored on slot 0 only (a discrete completion). `mixer` sets how
     thinking slots count (multiplex: all K; MoT-G mixers: by their weights). Chunks the batch like TRL.
     `cast_lm_head_to_fp32` scores with the LM head in float32 outside autocast, as TRL's option of that name does.
+    `compute_aux_loss` (MoE models) also returns the router load-balancing loss, averaged over the chunks as TRL does:
+    (logps, entropies or None, aux_loss).
     """
     add_multiplex_head(unwrap_model(model))
     coefs = slot_coefficients(weights, completion_mask, thinking_mask, mixer)
     full_mask = torch.cat([attention_mask.long(), completion_mask.long()], dim=1)
     position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
     batch_size = batch_size or input_ids.size(0)
-    logps, entropies = [], []
+    logps, entropies, aux_losses = [], [], []
     for start in range(0, input_ids.size(0), batch_size):
         rows = slice(start, start + batch_size)
         out = model(
@@ -257,8 +295,12 @@ def multiplex_logprobs(
             multiplex_temperature=temperature,
             multiplex_entropy=compute_entropy,
             multiplex_fp32_head=cast_lm_head_to_fp32,
+            **({"multiplex_aux_loss": True} if compute_aux_loss else {}),
         )
         logps.append(out.log_probs)
         entropies.append(out.entropy)
+        aux_losses.append(out.aux_loss)
     logps = torch.cat(logps)
+    if compute_aux_loss:
+        return logps, torch.cat(entropies) if compute_entropy else None, torch.stack(aux_losses).mean()
     return (logps, torch.cat(entropies)) if compute_entropy else logps

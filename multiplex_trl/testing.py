@@ -77,6 +77,38 @@ def tiny_model(
     return model
 
 
+def tiny_moe_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, router_aux_loss_coef: float = 0.5):
+    """A randomly initialised 2-layer Qwen3-MoE (4 experts, 2 per token) sized for the tiny tokenizer, with a
+    load-balancing loss coefficient large enough to move the loss."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        router_aux_loss_coef=router_aux_loss_coef,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 class LoopOps(TorchDispatchMode):
     """Counts the aten ops run under it, by name, split by whether they ran inside `model`'s forward (hooks on the
     model, removed on exit): what a decode loop costs around its forward. Only top-level ops are seen (not the ops

@@ -21,7 +21,7 @@ from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import is_async_callable, pad
 
 from .config import MultiplexGRPOConfig
-from .logprobs import add_multiplex_head, multiplex_logprobs, unwrap_model
+from .logprobs import add_multiplex_head, multiplex_logprobs, router_aux_loss_function, unwrap_model
 from .mixers import mixer_from_config
 from .rewards import set_thinking_end
 from .rollout import multiplex_generate
@@ -213,9 +213,10 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             setattr(self, key, value)
         self.thinking_end_ids = marker_ids or thinking_end_ids(self._tokenizer, args.thinking_end)
         if self.multiplex:
-            if self.aux_loss_enabled:
+            if self.aux_loss_enabled and router_aux_loss_function(unwrap_model(self.model)) is None:
                 raise ValueError(
-                    "MoE router aux loss is not supported with multiplex log-probs: set router_aux_loss_coef=0."
+                    f"the MoE router aux loss of {type(unwrap_model(self.model)).__name__} is computed in a way the "
+                    "multiplex log-prob pass does not reproduce: set router_aux_loss_coef=0."
                 )
             try:
                 embeddings = unwrap_model(self.model).get_input_embeddings()
@@ -366,11 +367,26 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         return rewards
 
     def _get_per_token_logps_and_entropies(
-        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **kwargs,
     ):
         if self._active_slots is None:
             return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **kwargs,
             )
         ids, weights, thinking = self._active_slots
         ids = _pad_time(ids, logits_to_keep, self._tokenizer.pad_token_id)
@@ -391,7 +407,10 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                 batch_size=batch_size,
                 mixer=self.mixer,
                 cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+                compute_aux_loss=compute_aux_loss,
             )
+        if compute_aux_loss:
+            return out
         logps, entropies = out if compute_entropy else (out, None)
         return logps, entropies, None
 

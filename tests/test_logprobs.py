@@ -304,3 +304,51 @@ def test_chunked_batch_equals_one_pass(tok, model):
         )  # fmt: skip
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_moe_router_aux_loss_is_the_models_own(tok):
+    """The multiplex pass returns the MoE load-balancing loss the model's own forward computes from the same
+    positions (one-hot slots: the same router inputs as the token ids), averaged over chunks as TRL does; at K=3 it
+    comes from the merged embeddings and reaches the router weights in backward."""
+    from multiplex_trl.logprobs import router_aux_loss_function
+    from multiplex_trl.testing import tiny_moe_model
+
+    model = tiny_moe_model(tok).eval()
+    assert router_aux_loss_function(model) is not None and router_aux_loss_function(tiny_model(tok)) is None
+    r, input_ids, mask = _rollout(model, tok, width=1)
+    full_ids = torch.cat([input_ids, r.completion_ids], 1)
+    full_mask = torch.cat([mask, r.completion_mask.long()], 1)
+    position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    expected = [
+        model(
+            input_ids=full_ids[rows],
+            attention_mask=full_mask[rows],
+            position_ids=position_ids[rows],
+            output_router_logits=True,
+        ).aux_loss
+        for rows in (slice(0, 2), slice(2, 4))
+    ]
+    logps, entropies, aux = multiplex_logprobs(
+        model,
+        input_ids,
+        mask,
+        r.ids,
+        r.weights,
+        r.completion_mask,
+        temperature=1.0,
+        batch_size=2,
+        compute_aux_loss=True,
+    )
+    assert entropies is None and aux.item() > 0
+    torch.testing.assert_close(aux, torch.stack(expected).mean(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logps, recompute(model, input_ids, mask, r, temperature=1.0), atol=1e-5, rtol=1e-5)
+
+    r, input_ids, mask = _rollout(model, tok, width=3)
+    assert (r.ids[r.thinking_mask][:, 1:] != r.ids[r.thinking_mask][:, :1]).any()  # merged positions do occur
+    _, _, aux = multiplex_logprobs(
+        model, input_ids, mask, r.ids, r.weights, r.completion_mask, temperature=1.0, thinking_mask=r.thinking_mask,
+        compute_aux_loss=True,
+    )  # fmt: skip
+    aux.backward()
+    gates = [p.grad for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert gates and all(g is not None and g.abs().sum() > 0 for g in gates)

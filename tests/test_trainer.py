@@ -11,7 +11,7 @@ import multiplex_trl.trainer as trainer_module
 from multiplex_trl import MultiplexGRPOConfig, MultiplexGRPOTrainer
 from multiplex_trl.config import TRL_LOSS_TYPES
 from multiplex_trl.logprobs import multiplex_logprobs
-from multiplex_trl.testing import tiny_model, tiny_tokenizer
+from multiplex_trl.testing import tiny_model, tiny_moe_model, tiny_tokenizer
 
 
 def _dataset(n=8):
@@ -295,11 +295,18 @@ def test_forced_marker_tokens_get_no_loss(tmp_path):
             assert batch["thinking_mask"][row].sum() == 3
 
 
-@pytest.mark.parametrize("fp32_head", [False, True], ids=["fp32", "bf16-weights-fp32-head"])
-def test_width_one_reproduces_trl_loss(tmp_path, tok, tiny_model_dir, fp32_head):
+@pytest.mark.parametrize(
+    "fp32_head,moe", [(False, False), (True, False), (False, True)], ids=["fp32", "bf16-weights-fp32-head", "moe"]
+)
+def test_width_one_reproduces_trl_loss(tmp_path, tok, tiny_model_dir, fp32_head, moe):
     """Same tokens -> the same log-probs and the same loss as TRL's GRPOTrainer, for K=1. With bf16 weights and
-    `cast_lm_head_to_fp32`, both score with the float32 head (ours ignored the option: log-probs 1e-2 apart)."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16 if fp32_head else torch.float32)
+    `cast_lm_head_to_fp32`, both score with the float32 head (ours ignored the option: log-probs 1e-2 apart). An MoE
+    model adds the router load-balancing loss at its config's coefficient, as TRL does (ours refused MoE models)."""
+    if moe:
+        model = tiny_moe_model(tok)
+    else:
+        dtype = torch.bfloat16 if fp32_head else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
     common = {
         "cast_lm_head_to_fp32": fp32_head,
         "output_dir": str(tmp_path),
@@ -338,6 +345,10 @@ def test_width_one_reproduces_trl_loss(tmp_path, tok, tiny_model_dir, fp32_head)
     loss_ours = ours._compute_loss(ours.model, batch)
     loss_theirs = theirs._compute_loss(theirs.model, trl_batch)
     assert abs(loss_ours.item() - loss_theirs.item()) < 1e-6
+    assert ours.aux_loss_enabled == theirs.aux_loss_enabled == moe
+    if moe:  # the aux loss is in both losses (logged as TRL logs it)
+        aux = ours._metrics["train"]["aux_loss"]
+        assert aux and aux == pytest.approx(theirs._metrics["train"]["aux_loss"], abs=1e-6) and aux[0] > 0
     loss_ours.backward()
     loss_theirs.backward()
     for (n, p), (_, q) in zip(ours.model.named_parameters(), theirs.model.named_parameters()):
@@ -477,3 +488,12 @@ def test_input_grad_hooks_do_not_pile_up_over_training_steps(tmp_path, tok):
     tr.train()
     assert counts == [1, 1, 1, 1]
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_moe_whose_aux_loss_is_not_reproduced_is_refused(tmp_path, tok, monkeypatch):
+    """An MoE architecture that computes its load-balancing loss some other way is refused at construction (the loss
+    would silently lack it), naming the way out; router_aux_loss_coef=0 trains it."""
+    monkeypatch.setattr(trainer_module, "router_aux_loss_function", lambda model: None)
+    with pytest.raises(ValueError, match="the MoE router aux loss of Qwen3MoeForCausalLM .* router_aux_loss_coef=0"):
+        _trainer(tok, tiny_moe_model(tok), _args(tmp_path))
+    assert not _trainer(tok, tiny_moe_model(tok), _args(tmp_path, router_aux_loss_coef=0.0)).aux_loss_enabled

@@ -77,6 +77,17 @@ def multiplex_generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}.")
     check_decode_options(cache_implementation, compile)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = input_ids.size(1)  # left padding: the longest prompt (a sync only where padding alone overflows)
+    if (
+        isinstance(limit, int)
+        and longest + max_new_tokens > limit
+        and int(attention_mask.sum(-1).max()) + max_new_tokens > limit
+    ):
+        raise ValueError(
+            f"the longest prompt plus max_new_tokens={max_new_tokens} exceeds the model's max_position_embeddings="
+            f"{limit}: shorten the prompts or lower max_new_tokens."
+        )
     static = cache_implementation == "static"
     if isinstance(mixer, str):
         mixer = get_mixer(mixer, width, **({"merge": merge} if mixer == "multiplex" else {}))

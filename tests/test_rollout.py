@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import Scripted, Steered, generate_rollout, recompute
 
-from multiplex_trl.rollout import STATIC_STOP_CHECK_EVERY
+from multiplex_trl.rollout import STATIC_STOP_CHECK_EVERY, multiplex_generate
 from multiplex_trl.testing import LoopOps, tiny_model, tiny_tokenizer
 
 
@@ -126,6 +126,33 @@ def test_a_forced_marker_that_closes_early_is_not_forced_into_the_answer(cache_i
 def test_zero_new_tokens_is_refused(tok, model, cache_implementation):
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         generate_rollout(model, tok, ["q"], max_new_tokens=0, cache_implementation=cache_implementation)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_positions_beyond_the_models_limit_are_refused(tok, cache_implementation):
+    """A learned-position model (GPT-2) raised a bare IndexError past its positions; the limit counts real tokens, not
+    left padding, so a batch whose longest prompt fits is decoded up to the last position."""
+    from conftest import chat_batch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=48, pad_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    prompt_len = chat_batch(tok, ["12 * 34?"])[0].size(1)
+    fits = 48 - prompt_len
+    r, _, _ = generate_rollout(
+        model, tok, ["12 * 34?"], max_new_tokens=fits, cache_implementation=cache_implementation
+    )
+    assert r.ids.size(1) <= fits
+    with pytest.raises(ValueError, match=f"max_new_tokens={fits + 1} exceeds the model's max_position_embeddings=48"):
+        generate_rollout(model, tok, ["12 * 34?"], max_new_tokens=fits + 1, cache_implementation=cache_implementation)
+    input_ids, mask = chat_batch(tok, ["12 * 34?"])
+    padded = torch.cat([torch.full_like(input_ids[:, :5], tok.pad_token_id), input_ids], 1)
+    mask = torch.cat([torch.zeros_like(mask[:, :5]), mask], 1)
+    kwargs = {"width": 3, "thinking_end_ids": [4], "eos_token_ids": [len(tok)], "pad_token_id": tok.pad_token_id}
+    r = multiplex_generate(
+        model, padded, mask, max_new_tokens=fits, cache_implementation=cache_implementation, **kwargs
+    )
+    assert r.ids.size(1) == fits  # EOS unreachable: every position up to the last one
 
 
 def test_min_p_filters_every_slot_of_the_rollout(tok, model):

@@ -155,6 +155,45 @@ def test_positions_beyond_the_models_limit_are_refused(tok, cache_implementation
     assert r.ids.size(1) == fits  # EOS unreachable: every position up to the last one
 
 
+def test_stored_logprob_is_the_log_probability_of_sampling_the_stored_trajectory(tok):
+    """METHOD.md: the trajectory's log-probability factorises over the K draws. End to end over whole rollouts (the
+    slot-0 stop rule, EOS during thinking, a budget-forced marker, the answer phase): the frequency of every stored
+    trajectory (its ids, slots and phases) matches exp(sum of its stored log-probs over sampled positions).
+
+    A real model (context-dependent distributions through the merged embeddings) restricted to four tokens, K=2, four
+    positions, 20,000 rollouts: a few hundred distinct trajectories, Pearson's test over those expected 5+ times, the
+    rest pooled with the mass never seen."""
+    from collections import Counter
+
+    model = tiny_model(tok).eval()
+    with torch.no_grad():
+        model.lm_head.weight.div_(4)  # distributions neither flat nor one-hot over the four tokens
+    keep = [tok.convert_tokens_to_ids(t) for t in ("a", "b", "</think>", "<eos>")]
+    bias = torch.full((len(tok),), float("-inf"))
+    bias[keep] = torch.tensor([0.5, 0.0, -0.5, -1.5])
+    n = 20000
+    r, _, _ = generate_rollout(
+        Steered(model, lambda step: bias), tok, ["q"] * n, width=2, max_new_tokens=4, max_thinking_tokens=2
+    )
+    counts, logps = Counter(), {}
+    sampled = r.completion_mask & ~r.forced_mask
+    per_row = (r.logprobs * sampled).sum(-1).tolist()
+    for row, length in enumerate(r.lengths()):
+        key = (tuple(r.ids[row, :length].flatten().tolist()), tuple(r.thinking_mask[row, :length].tolist()))
+        counts[key] += 1
+        assert abs(logps.setdefault(key, per_row[row]) - per_row[row]) < 1e-4  # same trajectory, same log-prob
+    assert r.forced_mask.any() and r.thinking_mask.any() and (r.ids[..., 1] != r.ids[..., 0])[r.thinking_mask].any()
+    keys = list(counts)
+    observed = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
+    expected = torch.tensor([logps[k] for k in keys], dtype=torch.float64).exp() * n
+    assert expected.sum() <= n * (1 + 1e-6)  # probabilities of distinct trajectories cannot sum past 1
+    big = expected >= 5
+    obs = torch.cat([observed[big], n - observed[big].sum().reshape(1)])
+    exp = torch.cat([expected[big], n - expected[big].sum().reshape(1)])
+    stat, df = float(((obs - exp) ** 2 / exp).sum()), int(big.sum())
+    assert df > 100 and stat < df + 5 * (2 * df) ** 0.5, (stat, df)  # ~5 standard deviations above the mean
+
+
 def test_min_p_filters_every_slot_of_the_rollout(tok, model):
     """min_p reached `filter_logits` in its own tests only; the rollout must pass it on (Soft Thinking's setting)."""
     toks = list(range(17, 22))

@@ -161,8 +161,10 @@ class SlotLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, slots, coefs, temperature, scale, softcap, outputs):
+        # contiguous: TRL's Triton kernels (CUDA) read target `row` at targets_ptr + row, ignoring strides; the
+        # slot-0 column of [N, K] has stride K
         logp0, ent, *_ = ChunkedLogProbFunction.forward(
-            ctx, hidden, weight, bias, slots[:, 0], temperature, _VOCAB_CHUNK, softcap, scale, outputs
+            ctx, hidden, weight, bias, slots[:, 0].contiguous(), temperature, _VOCAB_CHUNK, softcap, scale, outputs
         )
         total = logp0 * coefs.sum(-1)  # exactly logp0 for a one-hot position
         ctx.multiplex = None

@@ -352,3 +352,26 @@ def test_moe_router_aux_loss_is_the_models_own(tok):
     aux.backward()
     gates = [p.grad for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
     assert gates and all(g is not None and g.abs().sum() > 0 for g in gates)
+
+
+def test_slot0_targets_reach_the_kernel_as_trls_triton_kernel_reads_them(tok, model, monkeypatch):
+    """On CUDA, TRL's Triton kernels load target `row` at `targets_ptr + row`, ignoring strides. The CPU path here
+    honours strides, so this emulates the CUDA addressing: the kernel gets the targets re-read at stride 1 from their
+    storage. The slot-0 column of the [N, K] slots (stride K) read that way scored other tokens (log-probs 30 apart)."""
+    import multiplex_trl.logprobs as logprobs_module
+
+    real = logprobs_module.ChunkedLogProbFunction
+
+    class PointerReads:
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, targets, *args):
+            as_read = targets.as_strided(targets.shape, (1,))  # what `tl.load(targets_ptr + row)` sees
+            return real.forward(ctx, hidden, weight, bias, as_read, *args)
+
+        backward = staticmethod(real.backward)
+
+    monkeypatch.setattr(logprobs_module, "ChunkedLogProbFunction", PointerReads)
+    r, input_ids, mask = _rollout(model, tok)
+    assert (r.ids[..., 1:] != r.ids[..., :1]).any()  # slots differ: a misread column would change the scores
+    lp = recompute(model, input_ids, mask, r, temperature=1.0)
+    assert (lp - r.logprobs).abs().max().item() < 1e-4

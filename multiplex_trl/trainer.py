@@ -41,6 +41,7 @@ OVERRIDDEN_HOOKS = {
         "logits_to_keep",
         "batch_size",
         "compute_entropy",
+        "compute_aux_loss",
     ],
     "_compute_loss": ["self", "model", "inputs"],
     "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],

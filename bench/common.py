@@ -9,14 +9,12 @@ so pairing them cancels most of the drift of a shared machine).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -245,43 +243,12 @@ def ratio_spread(num: list[float], den: list[float]) -> float:
 # --- peak memory --------------------------------------------------------------------------------------------------
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes of tensor memory above the level before one call of `fn`.
 
-
-class _RssPoller(threading.Thread):
-    """Samples this process's resident set size until stopped; `peak` is the largest sample."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peak, self._halt = 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def run(self):
-        while not self._halt.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.0002)
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        return max(self.peak, self.rss())
-
-
-def cpu_memory_supported() -> bool:
-    return sys.platform.startswith("linux") and os.path.exists("/proc/self/statm")
-
-
-def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
-    """(peak bytes above the level before `fn`, absolute peak bytes) of one call of `fn`.
-
-    CUDA: the caching allocator's exact counters. CPU: resident set size sampled every ~0.2 ms while `fn` runs, with
-    glibc told to serve every allocation over 64 KiB by mmap (so a freed tensor leaves RSS at once and RSS follows
-    live tensor bytes); an approximation that can miss spikes shorter than a sample. Call it after all timing: the
-    mmap setting slows allocation.
+    CUDA: the caching allocator's counters (`max_memory_allocated`). CPU: the same quantity from torch.profiler's
+    memory events (every allocation and free of the CPU allocator, in order), so it is as exact and repeatable as on
+    CUDA; only temporaries freed inside a single op are netted at that op. Call it after all timing: profiling is slow.
     """
     if device.type == "cuda":
         sync(device)
@@ -289,22 +256,15 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, in
         base = torch.cuda.memory_allocated(device)
         fn()
         sync(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return peak - base, peak
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    libc.malloc_trim(0)
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)  # let the sampler thread in between the main thread's Python bytecodes
-    poller = _RssPoller()
-    base = poller.rss()
-    poller.start()
-    try:
+        return torch.cuda.max_memory_allocated(device) - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    finally:
-        peak = poller.stop()
-        sys.setswitchinterval(switch)
-    return peak - base, peak
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, delta in deltas:  # an op's own allocations net of its own frees ('[memory]' events: frees between ops)
+        live += delta
+        peak = max(peak, live)
+    return peak
 
 
 # --- results ------------------------------------------------------------------------------------------------------

@@ -143,7 +143,6 @@ def main():
         p.error("--dtype bfloat16 is for cuda (autocast); CPU runs float32")
     bf16 = dtype == torch.bfloat16
     k_name = f"multiplex K={args.width}"
-    memory = device.type == "cuda" or common.cpu_memory_supported()
 
     rows, skipped = [], []
     # float32 on the CPU: each trainer takes a copy and places it
@@ -165,37 +164,29 @@ def main():
             inputs = make_batches(trainers[k_name], args.width, batch, prompt_len, completion_len, device, args.seed)
             steps = {name: step_fn(tr, inputs[name]) for name, tr in trainers.items()}
             times = common.time_interleaved(steps, reps=args.reps, warmup=args.warmup, device=device)
-            peaks = {name: common.peak_memory(fn, device)[0] for name, fn in steps.items()} if memory else {}
+            peaks = {name: common.peak_memory(fn, device) for name, fn in steps.items()}
             for name, tr in trainers.items():
                 row = {"model": label, "variant": name, "batch": batch, "prompt": prompt_len}
                 row["completion"] = completion_len
                 row["ms/step"] = 1e3 * common.median(times[name])
                 row["time / TRL"] = common.paired_ratio(times[name], times["TRL GRPOTrainer"])
                 row["time / TRL ±"] = common.ratio_spread(times[name], times["TRL GRPOTrainer"])
-                if memory:
-                    row["peak MiB above weights+grads"] = peaks[name] / 2**20
-                    row["peak MiB incl. own weights+grads"] = (peaks[name] + resident_bytes(tr.model)) / 2**20
-                    row["increment / TRL"] = peaks[name] / max(peaks["TRL GRPOTrainer"], 1)
-                    row["peak / TRL"] = (peaks[name] + resident_bytes(tr.model)) / (
-                        peaks["TRL GRPOTrainer"] + resident_bytes(trainers["TRL GRPOTrainer"].model)
-                    )
+                row["peak MiB above weights+grads"] = peaks[name] / 2**20
+                row["peak MiB incl. own weights+grads"] = (peaks[name] + resident_bytes(tr.model)) / 2**20
+                row["increment / TRL"] = peaks[name] / max(peaks["TRL GRPOTrainer"], 1)
+                row["peak / TRL"] = (peaks[name] + resident_bytes(tr.model)) / (
+                    peaks["TRL GRPOTrainer"] + resident_bytes(trainers["TRL GRPOTrainer"].model)
+                )
                 if name == k_name:
                     row["targets"] = f"time {common.verdict(row['time / TRL'], 1.10)}"
-                    if memory:
-                        row["targets"] += f", memory {common.verdict(row['increment / TRL'], 1.10)}"
+                    row["targets"] += f", memory {common.verdict(row['increment / TRL'], 1.10)}"
                 print({k: common._cell(v) for k, v in row.items()}, flush=True)
                 rows.append(row)
             del trainers, steps, inputs
         del model
 
     columns = ["model", "variant", "batch", "prompt", "completion", "ms/step", "time / TRL", "time / TRL ±"]
-    if memory:
-        columns += [
-            "peak MiB above weights+grads",
-            "increment / TRL",
-            "peak MiB incl. own weights+grads",
-            "peak / TRL",
-        ]
+    columns += ["peak MiB above weights+grads", "increment / TRL", "peak MiB incl. own weights+grads", "peak / TRL"]
     columns += ["targets"]
     notes = [
         f"ms/step: median of {args.reps} interleaved rounds of `_compute_loss` + `backward()` (TRL's default loss "
@@ -209,11 +200,11 @@ def main():
         notes.append("memory: torch.cuda.max_memory_allocated during one step minus memory_allocated before it.")
         if bf16:
             notes.append("bfloat16 = float32 weights with the trainers' bf16 autocast (bf16=True), as in training.")
-    elif memory:
+    else:
         notes.append(
-            "memory (CPU): peak RSS sampled every ~0.2 ms during one step minus RSS before it, with glibc set to mmap "
-            "every allocation over 64 KiB so freed tensors leave RSS; approximate (spikes shorter than a sample can "
-            "be missed); trust the CUDA figures where both exist."
+            "memory (CPU): peak live tensor bytes during one step above the level before it, from torch.profiler's "
+            "memory events (every allocation and free, in order: what max_memory_allocated counts on CUDA); "
+            "temporaries freed inside a single op are netted at that op."
         )
     common.write_results(
         args.name,

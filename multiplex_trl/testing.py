@@ -50,58 +50,71 @@ def tiny_model(
 ):
     """A randomly initialised 2-layer Llama sized for the tiny tokenizer (float32, eager attention); with
     `sliding_window`, the same as a Mistral whose layers attend within that many positions."""
-    torch.manual_seed(seed)
-    config_class = LlamaConfig if sliding_window is None else MistralConfig
     window = {} if sliding_window is None else {"sliding_window": sliding_window}
-    config = config_class(
-        vocab_size=len(tokenizer),
+    return _tiny(
+        *((LlamaConfig, LlamaForCausalLM) if sliding_window is None else (MistralConfig, MistralForCausalLM)),
+        tokenizer,
+        seed,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
         **window,
     )
-    model = (LlamaForCausalLM if sliding_window is None else MistralForCausalLM)(config)
-    # Spread the output distribution a little so sampling branches (random init gives near-uniform logits).
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
-def tiny_moe_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, router_aux_loss_coef: float = 0.5):
-    """A randomly initialised 2-layer Qwen3-MoE (4 experts, 2 per token) sized for the tiny tokenizer, with a
-    load-balancing loss coefficient large enough to move the loss."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+# MoE families for tiny_moe_model: (config class, model class, their own names for experts and expert width).
+MOE_FAMILIES = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "moe_intermediate_size": 32}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "intermediate_size": 32}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4, "intermediate_size": 32}),
+    # attention sinks and alternating sliding windows
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {"num_local_experts": 4, "intermediate_size": 32, "sliding_window": 8},
+    ),
+}
 
-    torch.manual_seed(seed)
-    config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
+
+def tiny_moe_model(
+    tokenizer: PreTrainedTokenizerFast, family: str = "qwen3_moe", seed: int = 0, router_aux_loss_coef: float = 0.5
+):
+    """A randomly initialised 2-layer MoE causal LM of `family` (4 experts, 2 per token) sized for the tiny tokenizer,
+    with a load-balancing loss coefficient large enough to move the loss."""
+    import transformers
+
+    config_name, model_name, experts = MOE_FAMILIES[family]
+    return _tiny(
+        getattr(transformers, config_name),
+        getattr(transformers, model_name),
+        tokenizer,
+        seed,
         hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        num_experts=4,
-        num_experts_per_tok=2,
         num_hidden_layers=2,
+        head_dim=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=router_aux_loss_coef,
+        **{"intermediate_size": 64, **experts},
+    )
+
+
+def _tiny(config_class, model_class, tokenizer: PreTrainedTokenizerFast, seed: int, **config):
+    """A randomly initialised `model_class` for the tiny tokenizer (float32, eager attention, 4 heads, 2 KV heads)."""
+    torch.manual_seed(seed)
+    config = config_class(
+        vocab_size=len(tokenizer),
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
-        router_aux_loss_coef=router_aux_loss_coef,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
         attn_implementation="eager",
+        **config,
     )
-    model = Qwen3MoeForCausalLM(config)
+    model = model_class(config)
+    # Spread the output distribution a little so sampling branches (random init gives near-uniform logits).
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

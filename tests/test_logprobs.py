@@ -306,26 +306,6 @@ def test_chunked_batch_equals_one_pass(tok, model):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def _tiny_moe(tok, family):
-    """Tiny MoE causal LMs of other families than testing.tiny_moe_model's Qwen3-MoE (4 experts, 2 per token)."""
-    import transformers
-
-    torch.manual_seed(0)
-    common = {"vocab_size": len(tok), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
-    common.update(num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    common.update(bos_token_id=None, router_aux_loss_coef=0.5, attn_implementation="eager")
-    if family == "mixtral":
-        config = transformers.MixtralConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **common)
-        return transformers.MixtralForCausalLM(config)
-    if family == "olmoe":
-        config = transformers.OlmoeConfig(intermediate_size=32, num_experts=4, num_experts_per_tok=2, **common)
-        return transformers.OlmoeForCausalLM(config)
-    config = transformers.GptOssConfig(  # attention sinks, alternating sliding windows
-        intermediate_size=32, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=8, **common
-    )
-    return transformers.GptOssForCausalLM(config)
-
-
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "gpt_oss"])
 def test_moe_router_aux_loss_is_the_models_own(tok, family):
     """The multiplex pass returns the MoE load-balancing loss the model's own forward computes from the same
@@ -334,7 +314,7 @@ def test_moe_router_aux_loss_is_the_models_own(tok, family):
     from multiplex_trl.logprobs import router_aux_loss_function
     from multiplex_trl.testing import tiny_moe_model
 
-    model = (tiny_moe_model(tok) if family == "qwen3_moe" else _tiny_moe(tok, family)).eval()
+    model = tiny_moe_model(tok, family).eval()
     assert router_aux_loss_function(model) is not None and router_aux_loss_function(tiny_model(tok)) is None
     r, input_ids, mask = _rollout(model, tok, width=1)
     full_ids = torch.cat([input_ids, r.completion_ids], 1)

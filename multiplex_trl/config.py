@@ -132,8 +132,6 @@ class MultiplexGRPOConfig(GRPOConfig):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (or None), got {self.min_p!r}.")
-        if self.loss_type not in TRL_LOSS_TYPES:  # TRL finds out after a whole rollout
-            raise ValueError(f"loss_type must be one of {list(TRL_LOSS_TYPES)}, got {self.loss_type!r}.")
         if self.learning_rate is None or self.learning_rate < 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate!r}.")
         # TRL divides by these before its own checks (ZeroDivisionError) or fails only once the model is loaded.
@@ -164,7 +162,7 @@ class MultiplexGRPOConfig(GRPOConfig):
                 "use_vllm=False, or multiplex_width=1 for discrete GRPO with vLLM."
             )
         if self.use_vllm:  # width 1 with vLLM is TRL's own generation: the rollout's settings would do nothing
-            defaults = {f.name: f.default for f in fields(self)}
+            defaults = _field_defaults(self)
             changed = [name for name in ROLLOUT_ONLY_FIELDS if getattr(self, name) != defaults[name]]
             if changed:
                 raise ValueError(
@@ -179,7 +177,8 @@ class MultiplexGRPOConfig(GRPOConfig):
                 "multiplex_width=1)."
             )
         super().__post_init__()
-        # TRL reads these only once a rollout has been scored; a misspelling is found here, before the model loads.
+        # TRL reads these only once a rollout has been scored (loss_type after a whole rollout); a misspelling is
+        # found here, before the model loads.
         for name, allowed in TRL_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
@@ -207,6 +206,7 @@ class MultiplexGRPOConfig(GRPOConfig):
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # The values the pinned TRL's GRPOTrainer accepts for these (scale_rewards after GRPOConfig maps True/False).
 TRL_CHOICES = {
+    "loss_type": TRL_LOSS_TYPES,
     "importance_sampling_level": ("token", "sequence"),
     "scale_rewards": ("group", "batch", "none"),
     "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
@@ -245,7 +245,7 @@ def _check_generation_kwargs(kwargs) -> None:
 def _check_other_mixers_fields(args) -> None:
     """A mixer parameter set away from its default while another mixer is chosen would be silently ignored."""
     chosen = getattr(args, "mixer", "multiplex")
-    defaults = {f.name: f.default for f in fields(args)}
+    defaults = _field_defaults(args)
     for name in sorted(MIXERS):
         if name == chosen:
             continue
@@ -258,6 +258,11 @@ def _check_other_mixers_fields(args) -> None:
                     f"{field_name} applies to mixer={name!r} only, but mixer is {chosen!r}: remove it, or set "
                     f"mixer={name!r}."
                 )
+
+
+def _field_defaults(args) -> dict:
+    """Each dataclass field's default value, by name."""
+    return {f.name: f.default for f in fields(args)}
 
 
 def _shards_parameters(args) -> bool:

@@ -139,3 +139,24 @@ class Scripted(Steered):
         out = super().forward(**kwargs)
         out.logits[:, -1] = self.bias(self.step - 1)
         return out
+
+
+class RowScript(Steered):
+    """Row r of a batch of `rows` follows `script(r, step)`: a token id (all the mass on it) or {token: logit}, the
+    rest of the vocabulary at -1e4. Rows must finish in batch order: the eager loop's live rows are then the last
+    `n` of the batch."""
+
+    def __init__(self, model, vocab, rows, script):
+        super().__init__(model, lambda step: None)
+        self.vocab, self.rows, self.script = vocab, rows, script
+
+    def forward(self, **kwargs):
+        out = super().forward(**kwargs)
+        step, n = self.step - 1, self.batch_sizes[-1]
+        logits = torch.full((self.rows, self.vocab), -1e4)
+        for row in range(self.rows):
+            script = self.script(row, step)
+            for t, v in (script if isinstance(script, dict) else {script: 0.0}).items():
+                logits[row, t] = v
+        out.logits[:, -1] = logits[self.rows - n :]
+        return out

@@ -175,6 +175,7 @@ def test_static_loop_checks_for_the_end_every_few_steps_and_trims_the_tail(tok):
 def test_static_cache_length_is_bucketed_within_the_models_positions(tok):
     model = tiny_model(tok)  # max_position_embeddings 1024
     assert static_cache_length(model.config, 10) == STATIC_CACHE_BUCKET
+    assert static_cache_length(model.config, STATIC_CACHE_BUCKET) == STATIC_CACHE_BUCKET  # a full bucket fits
     assert static_cache_length(model.config, STATIC_CACHE_BUCKET + 1) == 2 * STATIC_CACHE_BUCKET
     assert static_cache_length(model.config, 1000) == 1024  # capped at the model's positions
     assert static_cache_length(model.config, 1030) == 1030  # never below what the rollout needs

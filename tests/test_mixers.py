@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import Scripted, Steered, chat_batch, generate_rollout, recompute
+from conftest import RowScript, Scripted, Steered, chat_batch, generate_rollout, recompute
 
 from multiplex_trl import MultiplexGRPOConfig
 from multiplex_trl.mixers import MIXERS, Mixer, get_mixer
@@ -49,8 +49,10 @@ def test_gumbel_weights_follow_gumbel_softmax_and_representative_is_a_draw():
 def test_dirichlet_weights_have_mean_p():
     ids, weights, _ = _draw("dirichlet", dirichlet_gamma=4.0)
     p = _topk_p()
-    per_token = torch.zeros(len(ids), 6).scatter(1, ids, weights)[:, :3].mean(0)  # E[w_i] = gamma p_i / gamma = p_i
-    torch.testing.assert_close(per_token, p, atol=0.01, rtol=0)
+    per_token = torch.zeros(len(ids), 6).scatter(1, ids, weights)[:, :3]
+    torch.testing.assert_close(per_token.mean(0), p, atol=0.01, rtol=0)  # E[w_i] = gamma p_i / gamma = p_i
+    # gamma is the concentration: Var[w_i] = p_i (1 - p_i) / (gamma + 1)
+    torch.testing.assert_close(per_token.var(0), p * (1 - p) / 5, atol=0, rtol=0.05)
     assert (weights[:, 0] >= weights[:, 1:].max(-1).values).all()
 
 
@@ -114,6 +116,27 @@ def test_soft_stops_when_top1_is_the_marker_and_cold_stop_forces_it(tok, model):
     )
     assert r.thinking_mask[0].sum() == 3  # the 4th low-entropy position is where the marker is forced
     assert r.ids[0, 3, 0] == marker and r.forced_mask[0, 3]
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_cold_stop_counts_consecutive_low_entropy_positions_of_each_row(tok, model, cache_implementation):
+    """The cold stop needs `cold_stop_steps` low-entropy positions in a row: a confident stretch broken by one flat
+    position starts the count again. Each row counts its own, also after another row has left the batch."""
+    marker, a, b = tok.convert_tokens_to_ids("</think>"), 17, 18
+
+    def script(row, step):  # row 0: ends at step 1; row 1: confident but at step 3, so the 4th in a row is step 7
+        if row == 0:
+            return a if step == 0 else 1
+        return {a: 0.0, b: 0.0} if step == 3 else a
+
+    soft = get_mixer("soft", 2, cold_stop_entropy=0.01, cold_stop_steps=4)
+    r, _, _ = generate_rollout(
+        RowScript(model, len(tok), 2, script), tok, ["x", "y"], width=2, mixer=soft, max_new_tokens=10,
+        cache_implementation=cache_implementation,
+    )  # fmt: skip
+    assert r.lengths() == [2, 10] and r.closed.tolist() == [False, True]
+    assert r.thinking_mask[1].tolist() == [True] * 7 + [False] * 3
+    assert r.forced_mask[1].nonzero().flatten().tolist() == [7] and r.ids[1, 7, 0] == marker
 
 
 @pytest.mark.parametrize("name", ["dirichlet", "mot_distinct", "multiplex"])
@@ -199,3 +222,42 @@ def test_answer_phase_samples_the_policy_for_every_mixer(tok, model, name):
     freq = torch.stack([(answer == t).float().mean() for t in toks])
     assert 0.5 * (freq - pi).abs().sum().item() < 0.04, (name, freq.tolist())  # top-k answers: TV >= 0.2
     assert torch.allclose(r.logprobs[:, 1], pi.log()[answer - toks[0]], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_answer_phase_applies_the_sampling_filters_for_every_mixer(tok, model, name):
+    """The answer phase samples the *filtered* policy (top-k here) for every mixer, and stores the log-prob of the
+    full temperature softmax, as the trainer recomputes it."""
+    marker = tok.convert_tokens_to_ids("</think>")
+    toks = list(range(17, 22))
+    pi = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.10])
+
+    def bias(step):  # step 0: the marker; step 1 (the first answer position): pi over five tokens
+        v = torch.full((len(tok),), -1e4)
+        if step == 0:
+            v[marker] = 1e4
+        else:
+            v[toks] = pi.log()
+        return v
+
+    torch.manual_seed(0)
+    r, _, _ = generate_rollout(Scripted(model, bias), tok, ["q"] * 2000, mixer=name, max_new_tokens=2, top_k=3)
+    assert (r.ids[:, 0, 0] == marker).all() and not r.thinking_mask[:, 1].any()
+    answer = r.ids[:, 1, 0]
+    freq = torch.stack([(answer == t).float().mean() for t in toks])
+    kept = torch.cat([pi[:3] / pi[:3].sum(), torch.zeros(2)])
+    assert freq[3:].sum() == 0 and 0.5 * (freq - kept).abs().sum().item() < 0.04, (name, freq.tolist())
+    assert torch.allclose(r.logprobs[:, 1], pi.log()[answer - toks[0]], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gumbel", "mot_distinct", "multiplex", "soft"])
+def test_a_seeded_generator_fixes_the_rollout_whatever_the_global_rng(tok, model, name):
+    """Every draw of these mixers (thinking slots, Gumbel noise, answer tokens) comes from `generator`."""
+    rollouts = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        r, _, _ = generate_rollout(model, tok, ["1+1?", "x"], mixer=name, max_new_tokens=12, max_thinking_tokens=4)
+        rollouts.append(r)
+    first, second = rollouts
+    assert torch.equal(first.ids, second.ids) and torch.equal(first.weights, second.weights), name
+    assert (first.completion_mask & ~first.thinking_mask & ~first.forced_mask).any()  # answer positions too

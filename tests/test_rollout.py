@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import Scripted, Steered, generate_rollout, recompute
+from conftest import RowScript, Scripted, Steered, generate_rollout, recompute
 
 from multiplex_trl.rollout import STATIC_STOP_CHECK_EVERY, multiplex_generate
 from multiplex_trl.testing import LoopOps, tiny_model, tiny_tokenizer
@@ -77,6 +77,28 @@ def test_multi_token_marker_matched_on_slot0_stream():
     assert r.thinking_mask[0].tolist() == [True] * n_think + [False] * (len(seq) - n_think)
     assert r.ids[0, n_think].tolist() == [marker[-1], PAD, PAD]
     assert tok.decode(r.completion_ids[0, : len(seq)]) == "xy</think>42<eos>"
+
+
+def test_multi_token_marker_is_matched_on_the_slot0_stream_of_branching_rows(tok, model):
+    """With K draws that differ, only the slot-0 stream closes a multi-token marker: `a b` completed in slot 0 ends
+    thinking with `b` (stored one-hot), `a b` across later slots is merged on. Rows end at different steps (EOS)."""
+    a, b = _ids(tok, "a")[0], _ids(tok, "b")[0]
+    steered = Steered(model, _force(len(tok), lambda s: {a: 0.0, b: 0.0, EOS: -2.5}))
+    r, _, _ = generate_rollout(steered, tok, ["q"] * 64, thinking_end_ids=[a, b], max_new_tokens=8)
+    lengths = r.lengths()
+    assert min(lengths) < max(lengths) == 8
+    later_slot_only = 0
+    for row, length in enumerate(lengths):
+        stream = r.ids[row, :length, 0].tolist()
+        close = next((t for t in range(1, length) if stream[t - 1 : t + 1] == [a, b]), length)
+        expected = [t < close and stream[t] != EOS for t in range(length)]
+        assert r.thinking_mask[row, :length].tolist() == expected, (row, stream)
+        assert r.closed[row].item() == (close < length)
+        if close < length:
+            assert r.ids[row, close].tolist() == [b, PAD, PAD] and r.weights[row, close].tolist() == [1.0, 0.0, 0.0]
+        slots = r.ids[row, :close, 1:]
+        later_slot_only += bool(((slots[:-1] == a) & (slots[1:] == b)).any())
+    assert r.closed.any() and later_slot_only, "the marker should complete in later slots somewhere"
 
 
 def test_eos_in_slot0_while_thinking_ends_the_completion(tok, model):
@@ -216,6 +238,34 @@ def test_every_eos_id_ends_a_row(tok, model, cache_implementation):
         steered, tok, ["q"], eos_token_ids=[EOS, other_eos], cache_implementation=cache_implementation
     )
     assert r.lengths() == [3] and r.ids[0, 2].tolist() == [other_eos, PAD, PAD]
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_rows_finishing_at_different_steps_keep_their_own_length_and_flags(tok, model, cache_implementation):
+    """A row that closes thinking and ends while others decode on is still `closed` (the eager loop records it as the
+    row leaves the batch); the static loop decodes every row to its own end, past its stop checks, and what a
+    finished row decodes after its end (thinking on, a budget-forced marker) is in none of the masks."""
+    marker, a, b = tok.convert_tokens_to_ids("</think>"), _ids(tok, "a")[0], _ids(tok, "b")[0]
+    closes = [0, None, 5, None]  # row 0 closes at step 0, row 2 at step 5; the budget (6) forces row 3
+    ends = [2, 3, 12, None]  # row 1 ends while thinking (and thinks on after its end in the static loop's batch)
+
+    def script(row, step):
+        if step == ends[row]:
+            return EOS
+        if closes[row] is not None and step >= closes[row]:
+            return marker if step == closes[row] else b
+        return a
+
+    r, _, _ = generate_rollout(
+        RowScript(model, len(tok), 4, script), tok, ["w", "x", "y", "z"], max_new_tokens=20, max_thinking_tokens=6,
+        cache_implementation=cache_implementation,
+    )  # fmt: skip
+    assert r.lengths() == [3, 4, 13, 20]
+    assert r.closed.tolist() == [True, False, True, True]
+    assert r.thinking_mask.sum(-1).tolist() == [0, 3, 5, 6]
+    assert r.forced_mask.sum(-1).tolist() == [0, 0, 0, 1] and r.forced_mask[3, 6]
+    assert tok.decode(r.completion_ids[2, :13]) == "aaaaa</think>bbbbbb<eos>"
+    assert tok.decode(r.completion_ids[3, :8]) == "aaaaaa</think>a"
 
 
 def test_finished_rows_are_padded_and_stop_costing_compute(tok, model):

@@ -26,7 +26,9 @@ def test_unknown_merge_is_refused():
         merge_weights(torch.zeros(1, 2), "max")
 
 
-@pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, None), (0, 0.8, None), (10, 0.9, 0.05), (0, 1.0, 0.1)])
+@pytest.mark.parametrize(
+    "top_k,top_p,min_p", [(5, 1.0, None), (0, 0.8, None), (10, 0.9, 0.05), (0, 1.0, 0.1), (0, 0.0, None)]
+)  # top_p=0 keeps the most likely token only (greedy), as transformers does
 def test_filter_matches_transformers_warpers(top_k, top_p, min_p):
     torch.manual_seed(0)
     scores = torch.randn(6, 50) * 3

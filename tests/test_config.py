@@ -14,6 +14,27 @@ def test_defaults_are_the_papers():
     assert args.max_thinking_tokens is None
 
 
+def test_a_thinking_budget_one_below_the_completion_length_is_accepted():
+    """The budget leaves room for the forced marker and at least one answer token."""
+    assert _config(max_thinking_tokens=511, max_completion_length=512).max_thinking_tokens == 511
+
+
+def test_mixer_parameter_defaults_are_their_papers_and_the_mixers():
+    """Each mixer's field defaults to its paper's value (MoT-G's gamma 4, Stochastic Soft Thinking's tau 0.5, Soft
+    Thinking's 256 cold-stop steps, its cold stop off) and to the mixer's own default, so a config that leaves them
+    alone trains and decodes with the same mixer as `generate` does."""
+    from multiplex_trl.mixers import MIXERS
+    from multiplex_trl.mixers.base import constructor_defaults
+
+    args = _config()
+    assert (args.mixer, args.dirichlet_gamma, args.gumbel_tau) == ("multiplex", 4.0, 0.5)
+    assert (args.cold_stop_entropy, args.cold_stop_steps) == (None, 256)
+    for name in MIXERS:
+        for param, default in constructor_defaults(name).items():
+            field = param if hasattr(args, param) else f"multiplex_{param}"
+            assert getattr(args, field) == default, (name, field)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -43,6 +64,11 @@ def test_defaults_are_the_papers():
         ({"loss_type": "ppo"}, r"loss_type must be one of \['grpo', "),  # TRL: after a whole rollout
         ({"generation_kwargs": {"temperature": 0.5}}, r"generation_kwargs \['temperature'\] cannot be applied"),
         ({"generation_kwargs": '{"top_p": 0}'}, r"generation_kwargs: top_p must be in \(0, 1\]"),
+        ({"generation_kwargs": {"min_p": 2.0}}, r"generation_kwargs: top_p must be in \(0, 1\] and min_p in \[0, 1\]"),
+        # greedy decoding asked for: the rollout always samples
+        ({"generation_kwargs": {"do_sample": False}}, r"generation_kwargs \['do_sample'\] cannot be applied"),
+        ({"reward_error": "skip"}, "reward_error must be 'raise' or 'none', got 'skip'"),  # 'skip' scored None
+        ({"max_thinking_tokens": True}, "max_thinking_tokens must be a non-negative integer"),
         ({"use_transformers_continuous_batching": True}, "use_transformers_continuous_batching does not apply"),
         ({"gumbel_tau": 0.3}, "gumbel_tau applies to mixer='gumbel' only, but mixer is 'multiplex'"),
         ({"cold_stop_entropy": 0.01}, "cold_stop_entropy applies to mixer='soft' only"),
@@ -146,6 +172,40 @@ def test_tools_are_refused_with_multiplex(tok, model):
             processing_class=tok,
             tools=[tool],
         )
+
+
+@pytest.mark.parametrize("name", ["rollout_func", "environment_factory"])
+def test_custom_rollouts_are_refused_with_multiplex(tok, model, name):
+    """TRL's rollout_func / environment_factory replace its generation, so the multiplex rollout would never run (the
+    first step then failed on the missing slots): refused when the trainer is built."""
+    with pytest.raises(ValueError, match=f"{name} is not supported with multiplex rollouts"):
+        MultiplexGRPOTrainer(
+            model=model,
+            reward_funcs=lambda completions, **kw: [0.0],
+            args=_config(),
+            processing_class=tok,
+            **{name: lambda *args, **kwargs: None},
+        )
+
+
+@pytest.mark.parametrize(
+    "sharded",
+    [{"fsdp": "full_shard"}, {"deepspeed": {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}}],
+    ids=["fsdp", "zero3"],
+)
+def test_compiled_decode_is_refused_when_the_config_shards_parameters(monkeypatch, sharded):
+    """FSDP or ZeRO-3 set in the config itself (not through `accelerate launch`'s environment) is refused too."""
+    if "deepspeed" in sharded:
+        pytest.importorskip("deepspeed")
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # set by an fsdp config: restored after the test
+    try:
+        _config(cache_implementation="static", **sharded)
+        with pytest.raises(ValueError, match="multiplex_compile=True cannot run under DeepSpeed ZeRO-3 or FSDP"):
+            _config(cache_implementation="static", multiplex_compile=True, **sharded)
+    finally:
+        unset_hf_deepspeed_config()  # a ZeRO-3 config makes later model loads ZeRO-3 inits in this process
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,9 @@ def test_two_steps_from_a_recipe_save_a_reloadable_model_with_settings_and_card(
         assert "| `temperature` | `1.0` |" in card and '| `merge` | `"weighted"` |' in card
         assert card.count("## Multiplex Thinking") == 1
     assert "multiplex-thinking" in (out / "README.md").read_text()  # the trainer's tag in the card metadata
+    # the final trainer_state.json in output_dir (the log history `make demo` reports and plots from)
+    final_state = json.loads((out / "trainer_state.json").read_text())
+    assert final_state["global_step"] == 2 and [e["step"] for e in final_state["log_history"] if "loss" in e] == [1, 2]
 
 
 def test_settings_reader(tmp_path):
@@ -160,6 +163,41 @@ def test_a_finished_output_dir_is_refused_unless_overwritten(no_model, tiny_mode
     with pytest.raises(AssertionError, match="a model or tokenizer was loaded"):  # past every check: `no_model`
         grpo.main(tiny_run_args(tiny_model_dir, data, out, "--overwrite_output_dir", "true"))
     assert not out.exists()  # deleted before anything of the new run is written
+
+
+class TrainerBuilt(Exception):
+    """Raised by the stand-in trainer: the script got as far as building it."""
+
+
+def test_model_loading_options_reach_the_trainer(tiny_model_dir, data, tmp_path, monkeypatch):
+    """--dtype (bfloat16 in the paper recipes) and --model_revision load the model, and a model_init_kwargs entry of
+    the recipe is kept, not replaced by the script's unset default for it."""
+    seen = {}
+
+    def record(model, args, **kwargs):
+        seen.update(model=model, init=dict(args.model_init_kwargs))
+        raise TrainerBuilt
+
+    monkeypatch.setattr(grpo, "MultiplexGRPOTrainer", record)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model_init_kwargs": {"attn_implementation": "sdpa"}}))
+    flags = ["--dtype", "bfloat16", "--model_revision", "v1"]
+    with pytest.raises(TrainerBuilt):
+        grpo.main(["--config", str(recipe), *tiny_run_args(tiny_model_dir, data, tmp_path / "run", *flags)])
+    assert seen["model"] == str(tiny_model_dir)
+    assert seen["init"] == {
+        "dtype": "bfloat16",
+        "revision": "v1",
+        "attn_implementation": "sdpa",
+        "trust_remote_code": False,
+    }
+
+
+def test_a_dataset_of_exactly_one_generation_batch_is_accepted(no_model, tiny_model_dir, data, tmp_path):
+    """Two prompts and a generation batch of 8 completions (2 prompts x 4): one step can run."""
+    flags = ["--max_train_samples", "2", "--per_device_train_batch_size", "8"]
+    with pytest.raises(AssertionError, match="a model or tokenizer was loaded"):  # past every check: `no_model`
+        grpo.main(tiny_run_args(tiny_model_dir, data, tmp_path / "run", *flags))
 
 
 @pytest.mark.parametrize(

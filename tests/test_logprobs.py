@@ -376,3 +376,46 @@ def test_slot0_targets_reach_the_kernel_as_trls_triton_kernel_reads_them(tok, mo
     assert (r.ids[..., 1:] != r.ids[..., :1]).any()  # slots differ: a misread column would change the scores
     lp = recompute(model, input_ids, mask, r, temperature=1.0)
     assert (lp - r.logprobs).abs().max().item() < 1e-4
+
+
+def test_entropy_is_the_policys_at_every_position_not_the_joint_of_the_k_draws(tok, model):
+    """METHOD.md 5: the entropy TRL logs (and masks by, top_entropy_quantile) is H(pi) at each completion position, a
+    thinking position included: one distribution scores all K draws, so it is not their joint entropy K * H(pi)."""
+    input_ids, mask, ids, weights, completion_mask, thinking_mask = _stored_slots(tok, 3)
+    with torch.no_grad():
+        _, entropy = multiplex_logprobs(
+            model, input_ids, mask, ids, weights, completion_mask, temperature=0.7, thinking_mask=thinking_mask,
+            compute_entropy=True,
+        )  # fmt: skip
+        emb = model.get_input_embeddings()
+        full_mask = torch.cat([mask, completion_mask.long()], 1)
+        logits = model(
+            inputs_embeds=torch.cat([emb(input_ids), (emb(ids) * weights.unsqueeze(-1)).sum(-2)], 1),
+            attention_mask=full_mask,
+            position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0),
+        ).logits[:, input_ids.size(1) - 1 : -1]
+    logp = (logits / 0.7).log_softmax(-1)
+    expected = -(logp.exp() * logp).sum(-1)  # [B, T]
+    on = completion_mask.bool()
+    assert (thinking_mask & on).any() and (~thinking_mask & on).any() and (expected[on] > 0.1).all()
+    torch.testing.assert_close(entropy[on], expected[on], atol=1e-5, rtol=1e-5)
+
+
+def test_learned_absolute_positions_count_from_the_first_real_token(tok):
+    """A model with learned absolute positions (GPT-2) is not invariant to a shift of every position as RoPE is: the
+    pass must number a left-padded row's positions as its rollout did (from its first real token), or its stored and
+    recomputed log-probs differ (by about 10 here when the pass numbered them from the first pad)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False, attn_implementation="eager",
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    r, input_ids, mask = _rollout(model, tok, n=2, max_new_tokens=12, prompts=["1+1?", "a longer prompt here"])
+    assert (mask == 0).sum() > 5  # the short prompt is left-padded
+    with torch.no_grad():
+        assert (recompute(model, input_ids, mask, r) - r.logprobs).abs().max().item() < 1e-4

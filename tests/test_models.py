@@ -56,6 +56,68 @@ def test_killed_conversion_leaves_nothing_that_looks_finished(monkeypatch, tmp_p
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temp folder
 
 
+def _fake_convert(gguf_folder, gguf_file, out):
+    """Writes what a conversion writes, owner-only as mkdtemp and the weights writer leave it."""
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (out / name).write_text("{}")
+        (out / name).chmod(0o600)
+
+
+def _no_gguf(monkeypatch):
+    monkeypatch.setattr(models, "gguf_location", lambda: ("/nowhere", models.GGUF_FILE))
+
+
+def test_converted_folder_is_readable_by_everyone(monkeypatch, tmp_path):
+    """A shared cache: other users load the converted model (mkdtemp made the folder 0o700)."""
+    _no_gguf(monkeypatch)
+    monkeypatch.setattr(models, "_convert", _fake_convert)
+    target = models.prepare_demo_model(tmp_path)
+    assert os.stat(target).st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / models.DEMO_MODEL).iterdir()} == {
+        "config.json": 0o644,
+        "model.safetensors": 0o644,
+        "tokenizer.json": 0o644,
+    }
+
+
+def test_an_unfinished_leftover_folder_is_converted_again(monkeypatch, tmp_path):
+    """A folder without the weights (an older, non-atomic layout killed mid-way) is not a converted model: it is
+    replaced by a fresh conversion."""
+    _no_gguf(monkeypatch)
+    target = tmp_path / models.DEMO_MODEL
+    target.mkdir()
+    (target / "config.json").write_text('{"leftover": true}')
+    monkeypatch.setattr(models, "_convert", _fake_convert)
+    assert models.prepare_demo_model(tmp_path) == str(target)
+    assert (target / "model.safetensors").is_file() and (target / "config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == [models.DEMO_MODEL]
+
+
+def test_a_concurrent_conversion_that_finished_first_is_used(monkeypatch, tmp_path):
+    """Two processes convert at once: the one whose rename fails uses the other's folder, and removes its own; a
+    rename that fails with no finished folder in place is an error."""
+    _no_gguf(monkeypatch)
+    target = tmp_path / models.DEMO_MODEL
+
+    def racing(gguf_folder, gguf_file, out):
+        _fake_convert(gguf_folder, gguf_file, out)
+        target.mkdir()  # the other process finishes first
+        _fake_convert(gguf_folder, gguf_file, target)
+
+    monkeypatch.setattr(models, "_convert", racing)
+    assert models.prepare_demo_model(tmp_path) == str(target)
+    assert [p.name for p in tmp_path.iterdir()] == [models.DEMO_MODEL]
+
+    def failing_rename(src, dst):
+        raise OSError("read-only cache")
+
+    monkeypatch.setattr(models, "_convert", _fake_convert)
+    monkeypatch.setattr(models.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="read-only cache"):
+        models.prepare_demo_model(tmp_path / "other")
+    assert list((tmp_path / "other").iterdir()) == []
+
+
 @pytest.mark.slow
 def test_conversion_matches_the_gguf_model_and_is_cached(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer

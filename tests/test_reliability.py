@@ -41,6 +41,26 @@ def test_raising_reward_scores_none_when_asked(tmp_path, tok):
     assert logged[2] != logged[2] and logged[:2] + logged[3:] == [1.0] * 3  # NaN for the failing sample only
 
 
+def batch_only_reward(completions, **kwargs):
+    """Scores one completion at a time but fails on a batch (a bug that only a batch shows)."""
+    if len(completions) > 1:
+        raise RuntimeError("batch too large")
+    return [1.0]
+
+
+@pytest.mark.parametrize("policy", ["raise", "none"])
+def test_reward_that_fails_only_on_the_batch(tmp_path, tok, policy):
+    """reward_error='raise' stops the run even when every sample scores alone (rewards computed one sample at a time
+    would hide the function's bug); 'none' keeps the samples' own rewards."""
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path, reward_error=policy), reward_funcs=[batch_only_reward])
+    if policy == "raise":
+        with pytest.raises(RuntimeError, match="reward function 'batch_only_reward' raised on the batch: .*too large"):
+            _batch(tr)
+    else:
+        _batch(tr)
+        assert list(tr._logs["rewards"]["batch_only_reward"]) == [1.0] * 4
+
+
 def test_reward_that_returns_none_for_all_is_refused(tmp_path, tok):
     tr = _trainer(
         tok, tiny_model(tok), _args(tmp_path), reward_funcs=lambda completions, **kw: [None] * len(completions)
@@ -219,6 +239,11 @@ def test_prompt_longer_than_the_model_allows_is_one_clear_error(tmp_path, tok):
     tr = _trainer(tok, model, _args(tmp_path))
     with pytest.raises(ValueError, match=r"a prompt of \d+ tokens plus max_completion_length=20 exceeds the model's"):
         _batch(tr)
+    # a prompt and completion that fill the positions exactly fit: the last completion token is the last position
+    texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in _dataset(4)["prompt"]]
+    longest = max(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
+    model.config.max_position_embeddings = longest + 20
+    assert _batch(tr)["completion_mask"].any()
 
 
 def test_model_without_input_embeddings_is_refused(tmp_path, tok, monkeypatch):

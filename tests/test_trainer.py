@@ -123,6 +123,24 @@ def test_logged_multiplex_metrics_match_the_batch(tmp_path, tok):
         assert logged[key] == [pytest.approx(value, abs=1e-6)], key
 
 
+def test_evaluation_logs_multiplex_metrics_as_eval_metrics(tmp_path, tok):
+    """Rollouts of an evaluation (model in eval mode) log their multiplex metrics with the eval metrics, as TRL logs
+    its own: `evaluate()` returns eval_multiplex/*, and nothing of the evaluation lands in the training metrics."""
+    tr = MultiplexGRPOTrainer(
+        model=tiny_model(tok),
+        reward_funcs=length_reward,
+        args=_args(tmp_path, per_device_eval_batch_size=4),
+        train_dataset=_dataset(),
+        eval_dataset=_dataset(4),
+        processing_class=tok,
+    )
+    metrics = tr.evaluate()
+    for key in ("branch_rate", "distinct_per_step", "thinking_length", "closed_thinking_rate"):
+        assert f"eval_multiplex/{key}" in metrics, key
+    assert 0.0 < metrics["eval_multiplex/thinking_length"] <= 8.0
+    assert not any(k.startswith("multiplex/") for k in tr._metrics["train"])
+
+
 @pytest.mark.parametrize("mixer", ["mot_distinct", "dirichlet"])
 def test_the_configured_mixer_draws_the_slots_and_weights_the_logprobs(tmp_path, tok, mixer):
     """`mixer` reaches the rollout and every log-prob pass: MoT-G draws K distinct tokens per thinking position

@@ -314,12 +314,17 @@ def test_forced_marker_tokens_get_no_loss(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "fp32_head,moe", [(False, False), (True, False), (False, True)], ids=["fp32", "bf16-weights-fp32-head", "moe"]
+    "fp32_head,moe,loss",
+    [(False, False, {}), (True, False, {}), (False, True, {})]
+    + [(False, False, {"loss_type": name}) for name in TRL_LOSS_TYPES if name != "grpo"]
+    + [(False, False, {"importance_sampling_level": "sequence"})],
+    ids=["fp32", "bf16-weights-fp32-head", "moe", *(n for n in TRL_LOSS_TYPES if n != "grpo"), "sequence-level"],
 )
-def test_width_one_reproduces_trl_loss(tmp_path, tok, tiny_model_dir, fp32_head, moe):
-    """Same tokens -> the same log-probs and the same loss as TRL's GRPOTrainer, for K=1. With bf16 weights and
-    `cast_lm_head_to_fp32`, both score with the float32 head (ours ignored the option: log-probs 1e-2 apart). An MoE
-    model adds the router load-balancing loss at its config's coefficient, as TRL does (ours refused MoE models)."""
+def test_width_one_reproduces_trl_loss(tmp_path, tok, tiny_model_dir, fp32_head, moe, loss):
+    """Same tokens -> the same log-probs and the same loss as TRL's GRPOTrainer, for K=1, under every TRL loss type
+    and sequence-level importance sampling. With bf16 weights and `cast_lm_head_to_fp32`, both score with the float32
+    head (ours ignored the option: log-probs 1e-2 apart). An MoE model adds the router load-balancing loss at its
+    config's coefficient, as TRL does (ours refused MoE models)."""
     if moe:
         model = tiny_moe_model(tok)
     else:
@@ -337,6 +342,7 @@ def test_width_one_reproduces_trl_loss(tmp_path, tok, tiny_model_dir, fp32_head,
         "beta": 0.0,
         "temperature": 0.9,
         "loss_type": "grpo",
+        **loss,
     }
     ours = MultiplexGRPOTrainer(
         model=copy.deepcopy(model),

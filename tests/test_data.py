@@ -164,3 +164,23 @@ def test_dataset_config_for_a_source_without_configs_is_refused(tmp_path, name):
         datasets.Dataset.from_list([{"problem": "p", "answer": "1"}]).to_json(name)
     with pytest.raises(ValueError, match=r"dataset_config='max_terms=2' is not used by dataset .*: remove it"):
         load_prompts(name, dataset_config="max_terms=2", max_samples=1)
+
+
+def test_reasoning_gym_seed_picks_the_problems():
+    """`seed` (the training seed) draws another set of procedural problems; the same seed the same set."""
+    rows = {
+        seed: load_prompts("reasoning_gym:basic_arithmetic", max_samples=5, seed=seed)["rg_entry"] for seed in (3, 4)
+    }
+    assert rows[3] != rows[4]
+    assert load_prompts("reasoning_gym:basic_arithmetic", max_samples=5, seed=3)["rg_entry"] == rows[3]
+    with pytest.raises(ValueError, match="splits 'train' and 'test', got split='validation'"):
+        load_prompts("reasoning_gym:basic_arithmetic", split="validation", max_samples=1)
+
+
+def test_answer_column_wins_over_the_solution(tmp_path):
+    """MATH-500 and DeepScaleR carry both: the gold is `answer`, not the last \\boxed{} of the worked solution."""
+    path = tmp_path / "both.jsonl"
+    path.write_text(
+        json.dumps({"problem": "p", "solution": "so \\boxed{3} and more", "answer": "\\frac{6}{2}"}) + "\n"
+    )
+    assert load_prompts(str(path))["answer"] == ["\\frac{6}{2}"]

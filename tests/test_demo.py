@@ -57,3 +57,121 @@ def test_report_pieces_from_a_log_history(tmp_path):
     assert row == "| multiplex (K=3) | 4 | 0.050 | 0.300 | 0.300 | 20.0 |"
     demo.plot({"multiplex (K=3)": logs, "discrete (K=1)": logs}, tmp_path / "training.png")
     assert (tmp_path / "training.png").stat().st_size > 10_000
+
+
+def test_summary_halves_of_an_odd_run():
+    logs = [{"step": s, "reward": r} for s, r in enumerate([0.0, 0.1, 0.2, 0.3, 1.0], start=1)]
+    assert demo.summary_rows("discrete (K=1)", logs) == ["| discrete (K=1) | 5 | 0.050 | 0.650 | 0.000 | 0.0 |"]
+
+
+def _recipe():
+    import yaml
+
+    return yaml.safe_load(demo.RECIPE.read_text())
+
+
+def test_held_out_problems_are_the_test_seed_with_the_recipes_prompt():
+    from multiplex_trl.data import load_prompts
+
+    recipe = _recipe()
+    problems = demo.held_out_problems(recipe)
+    assert len(problems) == demo.HELD_OUT
+    kwargs = {"dataset_config": recipe["dataset_config"], "max_samples": demo.HELD_OUT, "seed": recipe["seed"]}
+    test = load_prompts(recipe["dataset_name"], split="test", prompt_template=recipe["prompt_template"], **kwargs)
+    assert [p["prompt"] for p in problems] == test["prompt"] and [p["answer"] for p in problems] == test["answer"]
+    train = load_prompts(recipe["dataset_name"], prompt_template=recipe["prompt_template"], **kwargs)
+    assert [p["prompt"] for p in problems] != train["prompt"]  # not the problems the run trains on
+    assert all(p["prompt"][-1]["content"].endswith("as: Answer: <number>") for p in problems)
+
+
+def test_completions_are_decoded_and_graded_with_the_recipes_settings(monkeypatch, tok):
+    """The report's before/after completions use the recipe's marker, budget, length and temperature, and are graded
+    on the text after the recipe's marker ('Answer:'), as the training reward is."""
+    import torch
+
+    from multiplex_trl import inference
+    from multiplex_trl.inference import Sample
+
+    calls = []
+
+    def fake_generate(model, prompts, **kwargs):
+        calls.append(kwargs)
+        texts = ["2 + 5 is 7\nAnswer: 7", "2 + 5 is 7\nAnswer: 8"]
+        return [[Sample(t, t, "", torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), 0, True)] for t in texts]
+
+    monkeypatch.setattr(inference, "load_model", lambda path, device=None: (None, tok))
+    monkeypatch.setattr(inference, "generate", fake_generate)
+    monkeypatch.setattr(inference, "format_branches", lambda sample, tokenizer: sample.text)
+    recipe = _recipe()
+    problems = [
+        {"prompt": [{"role": "user", "content": f"What is 2 + 5?\nThink. {i}"}], "answer": "7"} for i in (0, 1)
+    ]
+    blocks = demo.show_completions("model", recipe, problems, 3)
+    assert blocks[0].startswith("**What is 2 + 5?** (answer 7; reward 1.0)") and "Answer: 7" in blocks[0]
+    assert blocks[1].startswith("**What is 2 + 5?** (answer 7; reward 0.0)")
+    (kwargs,) = calls
+    assert (kwargs["width"], kwargs["thinking_end"], kwargs["max_thinking_tokens"]) == (3, "Answer:", 48)
+    assert (kwargs["max_new_tokens"], kwargs["temperature"], kwargs["num_samples"]) == (64, 0.7, 1)
+
+
+def test_demo_trains_each_width_and_reports_it(monkeypatch, tmp_path):
+    """--width, --max_steps and --compare reach the runs; the report has a row per run and the completions before
+    (the base model) and after (the widest run's model)."""
+    monkeypatch.setattr(models, "prepare_demo_model", lambda: str(tmp_path / "base"))
+    monkeypatch.setattr(demo, "held_out_problems", lambda recipe: [{"prompt": [], "answer": "1"}])
+    shown, runs = [], []
+    monkeypatch.setattr(
+        demo, "show_completions", lambda path, r, p, width: shown.append((path, width)) or [f"{path}\n"]
+    )
+
+    def train(recipe, output_dir, overrides):
+        runs.append((output_dir, overrides))
+        width = overrides["multiplex_width"]
+        return [{"step": s, "reward": width / 10, "multiplex/branch_rate": 0.5} for s in (1, 2)]
+
+    monkeypatch.setattr(demo, "train", train)
+    out = tmp_path / "out"
+    assert demo.main(["--output", str(out), "--width", "2", "--max_steps", "2"]) == 0
+    assert runs == [(out / "K2", {"multiplex_width": 2, "max_steps": 2})]
+    assert shown == [(str(tmp_path / "base"), 2), (str(out / "K2"), 2)]
+    report = (out / "report.md").read_text()
+    assert "| multiplex (K=2) | 2 | 0.200 | 0.200 | 0.500 | 0.0 |" in report
+    before, after = report.split("## Completions before training")[1].split("## Completions after training")
+    assert str(tmp_path / "base") in before and str(out / "K2") in after
+    assert (out / "training.png").stat().st_size > 0
+
+    runs.clear()
+    shown.clear()
+    assert demo.main(["--output", str(out), "--compare"]) == 0
+    assert runs == [(out / "K1", {"multiplex_width": 1}), (out / "K3", {"multiplex_width": 3})]
+    assert shown[-1] == (str(out / "K3"), 3)
+    report = (out / "report.md").read_text()
+    assert "| discrete (K=1) | 2 | 0.100 |" in report and "| multiplex (K=3) | 2 | 0.300 |" in report
+
+
+def test_train_launches_the_training_entry_point(monkeypatch, tmp_path):
+    """One run: a fresh output folder, `accelerate launch ... -m multiplex_trl.grpo --config RECIPE` with the overrides
+    as flags, and the trainer's log history read back."""
+    import json
+    import subprocess
+    import types
+
+    out = tmp_path / "K3"
+    out.mkdir()
+    (out / "stale.txt").write_text("a previous run")
+    commands = []
+
+    def run(cmd, **kwargs):
+        commands.append(cmd)
+        assert not (out / "stale.txt").exists()
+        out.mkdir(exist_ok=True)
+        (out / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "reward": 0.5}]}))
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert demo.train("recipe.yaml", out, {"multiplex_width": 3, "max_steps": 2}) == [{"step": 1, "reward": 0.5}]
+    (cmd,) = commands
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--cpu" in cmd
+    i = cmd.index("multiplex_trl.grpo")
+    entry = ["-m", "multiplex_trl.grpo", "--config", "recipe.yaml", "--output_dir", str(out)]
+    assert cmd[i - 1 :] == [*entry, "--multiplex_width", "3", "--max_steps", "2"]

@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import json
 from collections import defaultdict
@@ -145,7 +146,9 @@ def test_eval_end_to_end_and_resume(eval_args, count_rows, capsys):
     one = args[:i] + args[i + 2 :]  # --width 3 only
     before = json.loads((out / "results.json").read_text())["results"]
     assert cli.main(one) == 0
-    assert json.loads((out / "results.json").read_text())["results"] == before
+    after = json.loads((out / "results.json").read_text())
+    assert after["results"] == before
+    assert set(after["settings"]["methods"]) == {"discrete", "multiplex(K=3)"}  # the settings of both stay recorded
     assert "| discrete |" in capsys.readouterr().out
 
 
@@ -205,9 +208,13 @@ def test_evaluate_refuses_counts_below_one_before_writing(tmp_path, n, batch_siz
     assert not (tmp_path / "out").exists()
 
 
-def test_raising_n_draws_fresh_samples(eval_args):
+def test_raising_n_draws_fresh_samples(eval_args, tmp_path, monkeypatch):
     """Samples added by a rerun with a larger n are new draws, not replays of the first ones' random stream."""
     args, out = eval_args
+    # The dataset's name seeds its batches: a relative name keeps the draws (and the repeats below) the same on every
+    # run; the absolute tmp path changed them with every pytest run, and now and then two repeats came by chance.
+    monkeypatch.chdir(tmp_path)
+    args[args.index("--dataset") + 1] = "problems.jsonl"
     small = list(args)
     small[small.index("--n") + 1], small[small.index("--k") + 1] = "2", "1,2"
     assert cli.main(small) == 0
@@ -270,3 +277,204 @@ def test_eval_runs_the_static_cache_loop(eval_args, monkeypatch):
     assert cli.main([*args, "--cache-implementation", "static"]) == 0
     assert seen and set(seen) == {"static"}
     assert len(_records(out)) == 3 * 4 * 2
+
+
+def test_method_metrics_count_only_full_credit_as_correct():
+    """Partial credit (reasoning_gym) and ungradable samples are not correct for pass@k; mean_score averages every
+    score with None as 0, and the ungradable ones are counted."""
+    m = evaluate.method_metrics({0: [1.0, 0.5, None, 0.0], 1: [0.25, 0.0, 0.0, 1.0]}, n=4, ks=[1, 2])
+    assert m["pass@k"]["1"] == pytest.approx((1 / 4 + 1 / 4) / 2)
+    assert m["pass@k"]["2"] == pytest.approx(pass_at_k(4, 1, 2))
+    assert m["mean_score"] == pytest.approx((1.0 + 0.5 + 0.25 + 1.0) / 8)
+    assert m["ungradable"] == 1 and m["problems"] == 2 and m["n"] == 4
+
+
+def test_bootstrap_ci_is_a_95_percent_interval():
+    """Half 0, half 1 over 100 problems: the mean's standard error is 0.05, so the 95% interval is 0.5 +- 0.098."""
+    lo, hi = bootstrap_ci([0.0] * 50 + [1.0] * 50)
+    assert lo == pytest.approx(0.5 - 1.96 * 0.05, abs=0.01) and hi == pytest.approx(0.5 + 1.96 * 0.05, abs=0.01)
+
+
+def test_summary_table_puts_the_ci_on_pass_at_1():
+    metrics = {"problems": 3, "n": 4, "closed_rate": 0.5, "mean_length": 12.0}
+    metrics.update({"pass@k": {"1": 0.25, "4": 0.5}, "ci95": {"1": [0.1, 0.4], "4": [0.3, 0.7]}})
+    table = evaluate.summary_table({"toy": {"discrete": metrics}})
+    assert table.splitlines()[-1] == "| toy | discrete | 3 x 4 | 25.0 (10.0-40.0) | 50.0 | 50% | 12 |"
+
+
+def test_parse_ks_drops_repeats():
+    assert parse_ks("4,1,1,2,...,4", 4) == [1, 2, 4]
+
+
+def test_load_problems_defaults_to_the_test_split():
+    """Evaluation draws held-out problems: gsm8k's and math's test files, reasoning_gym's test seed (not the training
+    data that `load_prompts` gives by default)."""
+    from multiplex_trl.data import load_prompts
+
+    assert load_problems("gsm8k", max_samples=1)[0]["answer"] == "18"  # the test split's first problem (train: 72)
+    assert load_problems("gsm8k", split="train", max_samples=1)[0]["answer"] == "72"
+    assert load_problems("math", max_samples=1)[0]["problem"] == load_prompts("math", split="test")[0]["problem"]
+    rg = load_problems("reasoning_gym:basic_arithmetic", max_samples=3)["rg_entry"]
+    assert rg == load_prompts("reasoning_gym:basic_arithmetic", split="test", max_samples=3)["rg_entry"]
+    assert rg != load_prompts("reasoning_gym:basic_arithmetic", max_samples=3)["rg_entry"]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Replaces the rollout of `evaluate` by scripted completions: `texts(prompt_text, index)` -> (text, closed)
+    where index counts the calls for that prompt. Records every batch's (conversations, decoding)."""
+    import torch
+
+    from multiplex_trl.inference import Sample
+
+    calls, seen = [], defaultdict(int)
+
+    def install(texts):
+        def decode_batch(model, tokenizer, conversations, decoding, generator=None, **kwargs):
+            calls.append((conversations, decoding))
+            samples = []
+            for messages in conversations:
+                prompt = messages[-1]["content"]
+                text, closed = texts(prompt, seen[prompt])
+                seen[prompt] += 1
+                length = 10 + seen[prompt]  # a distinct length per sample: the means below are checkable
+                samples.append(
+                    Sample(
+                        text=text,
+                        thinking=text,
+                        answer="",
+                        ids=torch.zeros(length, 1, dtype=torch.long),
+                        weights=torch.ones(length, 1),
+                        thinking_length=length - 5,
+                        closed=closed,
+                    )
+                )
+            return samples
+
+        monkeypatch.setattr(evaluate, "decode_batch", decode_batch)
+        return calls
+
+    return install
+
+
+def test_eval_grades_the_answer_phase_after_the_runs_marker(scripted, tiny_model_dir, tmp_path):
+    """Scripted completions on a reasoning_gym task with --thinking-end 'Answer:': what samples.jsonl and results.json
+    say about each (score, correct, prediction from the answer phase, closed rate, lengths, pass@k)."""
+    problems = load_problems("reasoning_gym:basic_arithmetic", max_samples=2)
+    golds = {row["prompt"][-1]["content"]: row["answer"] for row in problems}
+
+    def texts(prompt, i):
+        gold = golds[prompt]
+        return [
+            (f"\\boxed{{123456789}} so Answer: \\boxed{{{gold}}}", True),  # right; the thinking's box is not graded
+            (f"hmm Answer: \\boxed{{{gold}0}}", True),  # partial credit from the task's scorer: not correct
+            (f"\\boxed{{{gold}}} and I never close", False),  # no answer phase: 0
+            (f"\\boxed{{{gold}}} Answer: no idea", True),  # the answer phase has no answer: 0
+        ][i]
+
+    calls = scripted(texts)
+    out = tmp_path / "out"
+    args = ["eval", "--model", tiny_model_dir, "--dataset", "reasoning_gym:basic_arithmetic", "--max-samples", "2"]
+    args += ["--n", "4", "--k", "1,4", "--width", "1", "--thinking-end", "Answer:", "--output", str(out)]
+    assert cli.main([*args, "--device", "cpu"]) == 0
+    assert {d.thinking_end for _, d in calls} == {"Answer:"}
+
+    records = sorted(_records(out), key=lambda r: (r["problem"], r["length"]))
+    assert [r["sample"] for r in records] == [0, 1, 2, 3] * 2
+    for r in records:
+        gold = problems[r["problem"]]["answer"]
+        i = r["length"] - 11
+        assert r["closed"] == (i != 2) and r["thinking_length"] == r["length"] - 5
+        assert r["correct"] == (i == 0) and r["gold"] == gold
+        if i == 0:
+            assert r["score"] == 1.0 and r["prediction"] == gold
+        elif i == 1:
+            assert 0.0 < r["score"] < 1.0 and r["prediction"] == gold + "0"
+        else:
+            assert r["score"] == 0.0 and (i == 2 or r["prediction"] == "no idea")
+    metrics = json.loads((out / "results.json").read_text())["results"]["reasoning_gym:basic_arithmetic"]["discrete"]
+    assert metrics["pass@k"] == {"1": 0.25, "4": 1.0}
+    partial = records[1]["score"] + records[5]["score"]
+    assert metrics["mean_score"] == pytest.approx((2 + partial) / 8) and metrics["ungradable"] == 0
+    assert metrics["closed_rate"] == 0.75 and metrics["mean_length"] == 12.5 and metrics["mean_thinking_length"] == 7.5
+
+
+def test_eval_flags_reach_the_prompts_and_the_decoding(scripted, tiny_model_dir, tmp_path, monkeypatch):
+    """Every data and decoding flag of `multiplex-trl eval` reaches the prompts, the decode settings, the batches and
+    the samplers' seeds; results.json records them."""
+    calls = scripted(lambda prompt, i: ("t</think>\\boxed{1}", True))
+    seeds = []
+    batch_seed = evaluate.batch_seed
+    monkeypatch.setattr(evaluate, "batch_seed", lambda seed, *a: seeds.append(seed) or batch_seed(seed, *a))
+    out = tmp_path / "out"
+    args = ["eval", "--model", tiny_model_dir, "--dataset", "gsm8k", "--split", "train", "--max-samples", "2"]
+    args += ["--prompt-template", "Q: {problem}", "--system-prompt", "Be brief.", "--n", "3", "--k", "1"]
+    args += ["--batch-size", "4", "--seed", "5", "--width", "2", "--merge", "averaged", "--temperature", "0.7"]
+    args += ["--top-p", "0.9", "--top-k", "7", "--min-p", "0.05", "--thinking-end", "</think>"]
+    args += ["--max-thinking-tokens", "6", "--max-new-tokens", "9", "--output", str(out), "--device", "cpu"]
+    assert cli.main(args) == 0
+
+    assert [len(conversations) for conversations, _ in calls] == [4, 2]  # 2 problems x 3 samples, 4 rows a batch
+    prompts = {json.dumps(m) for conversations, _ in calls for m in conversations}
+    assert len(prompts) == 2
+    for messages in map(json.loads, prompts):
+        system, user = messages
+        assert system == {"role": "system", "content": "Be brief."} and user["content"].startswith("Q: ")
+    assert any("Q: Natalia sold clips" in p for p in prompts)  # the train split's first problem
+    expected = {"mixer": "multiplex", "width": 2, "mixer_params": {"merge": "averaged"}, "temperature": 0.7}
+    expected.update(top_p=0.9, top_k=7, min_p=0.05, thinking_end="</think>", max_thinking_tokens=6, max_new_tokens=9)
+    assert {json.dumps(dataclasses.asdict(d), sort_keys=True) for _, d in calls} == {
+        json.dumps(expected, sort_keys=True)
+    }
+    assert seeds and set(seeds) == {5}
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["seed"] == 5 and settings["batch_size"] == 4
+    (method,) = settings["methods"].values()
+    assert {k: method[k] for k in expected} == expected
+    assert (method["prompt_template"], method["system_prompt"], method["split"]) == (
+        "Q: {problem}",
+        "Be brief.",
+        "train",
+    )
+
+
+def test_eval_resume_refuses_other_prompts(eval_args, capsys):
+    """The prompt decides what a sample is: resuming a folder with another template or system prompt would mix two
+    experiments in one pass@k."""
+    args, out = eval_args
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    for flag, value in [("--prompt-template", "Q: {problem}"), ("--system-prompt", "Be brief.")]:
+        assert cli.main([*args, flag, value]) == 2
+        assert "other settings" in capsys.readouterr().err
+
+
+def test_eval_resume_with_fewer_samples_or_problems_uses_the_first_ones(eval_args, count_rows):
+    """A rerun with a smaller --n or --max-samples draws nothing and scores the samples it names from samples.jsonl."""
+    args, out = eval_args
+    assert cli.main(args) == 0
+    records = _records(out)
+    count_rows.clear()
+    i = args.index("--n")
+    smaller = [*args[:i], "--n", "2", "--k", "1,2", *args[i + 4 :], "--max-samples", "2"]
+    assert cli.main(smaller) == 0 and sum(count_rows) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    for method, metrics in next(iter(results.values())).items():
+        assert metrics["problems"] == 2 and metrics["n"] == 2
+        mine = [r for r in records if r["method"] == method and r["problem"] < 2 and r["sample"] < 2]
+        assert metrics["pass@k"]["1"] == pytest.approx(sum(r["correct"] for r in mine) / 4)
+        assert metrics["mean_length"] == pytest.approx(sum(r["length"] for r in mine) / 4)
+
+
+def test_eval_adding_a_dataset_draws_its_samples(eval_args, count_rows, tmp_path):
+    """A sample is identified by dataset, method, problem and sample: a second dataset's samples are not the first's."""
+    args, out = eval_args
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"problem": "4+4", "answer": "8"}\n{"problem": "5+1", "answer": "6"}\n')
+    assert cli.main(args) == 0
+    count_rows.clear()
+    assert cli.main([*args, "--dataset", str(other)]) == 0
+    assert sum(count_rows) == 2 * 4 * 2  # only the new dataset's problems x n x methods
+    assert sum(r["dataset"] == str(other) for r in _records(out)) == 16
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results[str(other)]["discrete"]["problems"] == 2

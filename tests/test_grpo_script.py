@@ -287,3 +287,20 @@ def test_a_marker_the_tokenizer_cannot_encode_is_one_line(tiny_model_dir, data, 
     err = capsys.readouterr().err  # after the datasets progress bar
     assert status == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("multiplex-trl grpo: error: thinking_end='§' cannot be encoded")
+
+
+def test_cli_shows_a_missing_dependency_and_restores_argv(monkeypatch, tmp_path, capsys):
+    """A command whose own module is there but imports a missing package raises that import error (not 'command not
+    available'); the program name argparse shows is restored after a command runs."""
+    import sys
+
+    (tmp_path / "broken_command.py").write_text("import no_such_dependency_xyz  # noqa: F401\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "broken", ("broken_command", "a command with a missing dependency"))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        cli.main(["broken"])
+    (tmp_path / "echo_command.py").write_text("import sys\n\ndef main(argv):\n    print(sys.argv[0], argv)\n")
+    monkeypatch.setitem(cli.COMMANDS, "echo", ("echo_command", "prints its program name"))
+    program = sys.argv[0]
+    assert cli.main(["echo", "--x"]) == 0 and sys.argv[0] == program
+    assert capsys.readouterr().out == "multiplex-trl echo ['--x']\n"

@@ -134,6 +134,7 @@ def test_push_model_checkpoints_and_revisions(fake_hub, tiny_model_dir, data, tm
     assert main["model.safetensors"] == (out / "model.safetensors").read_bytes()  # the final weights
     assert json.loads(main["multiplex_config.json"]) == hub.load_multiplex_settings(out)
     assert_card(main["README.md"])
+    assert b"huggingface.co/None" not in main["README.md"]  # the base model was a local folder, not a Hub repo
     last = [c for c in fake_hub.calls if c[0] == "upload_folder"][-1]
     assert (last[2]["revision"], last[2]["message"]) == ("main", "End of training")
     assert all(c[2]["token"] == TOKEN for c in fake_hub.calls), "a request went out without the hub token"
@@ -248,3 +249,43 @@ def test_merged_lora_is_built_on_the_trained_revision(tmp_path, tok, monkeypatch
     hub.save_merged(types.SimpleNamespace(args=args, processing_class=tok), tmp_path / "merged")
     assert loads == ["v1.0"]
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def _config(**kwargs):
+    from multiplex_trl import MultiplexGRPOConfig
+
+    return MultiplexGRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, **kwargs)
+
+
+def test_card_of_the_discrete_baseline_and_of_another_mixer(tmp_path):
+    discrete = hub.card_section(hub.multiplex_settings(_config(multiplex_width=1)))
+    assert "discrete-RL baseline" in discrete and "| `width` | `1` |" in discrete
+    assert "drew K" not in discrete
+    dirichlet = hub.card_section(hub.multiplex_settings(_config(mixer="dirichlet", dirichlet_gamma=2.0)))
+    assert "drew K = 3 tokens" in dirichlet and "mixed (mixer 'dirichlet')" in dirichlet
+    assert '| `mixer` | `"dirichlet"` |' in dirichlet and "| `dirichlet_gamma` | `2.0` |" in dirichlet
+
+
+def test_saved_settings_carry_the_mixers_own_parameters():
+    """A mixer's parameters are config fields named like them (dirichlet_gamma) or with multiplex_ (merge): both are
+    saved, so `generate` decodes a trained model with them."""
+    assert hub.multiplex_settings(_config(mixer="dirichlet", dirichlet_gamma=2.0))["dirichlet_gamma"] == 2.0
+    assert hub.multiplex_settings(_config(multiplex_merge="averaged"))["merge"] == "averaged"
+
+
+def test_card_section_goes_before_the_first_heading_and_is_replaced(tmp_path):
+    (tmp_path / "README.md").write_text("---\nlibrary_name: transformers\n---\n\n# Model\n\nIntro.\n\n## Usage\n\nx\n")
+    hub.write_model_card(tmp_path, _config(multiplex_width=2))
+    hub.write_model_card(tmp_path, _config(multiplex_width=3))
+    text = (tmp_path / "README.md").read_text()
+    assert text.count(hub.CARD_START) == 1 and "| `width` | `3` |" in text and "| `width` | `2` |" not in text
+    assert text.index("Intro.") < text.index("## Multiplex Thinking") < text.index("## Usage")
+
+
+def test_transformers_offline_counts_as_offline(monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert not hub.hub_offline()
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert hub.hub_offline()

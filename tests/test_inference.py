@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from multiplex_trl import inference
 from multiplex_trl.inference import (
@@ -323,3 +324,87 @@ def test_a_template_that_closes_thinking_is_one_line_error(tiny_model_dir, tmp_p
     assert (
         json.loads((out / "results.json").read_text())["results"] == {}
     )  # the settings only, written before sampling
+
+
+@pytest.fixture
+def rollouts(monkeypatch):
+    """Records the arguments of every rollout `generate` and the CLI run (and the seeds of their generators)."""
+    calls, seeds = [], []
+    rollout, make_generator = inference.multiplex_generate, inference.make_generator
+
+    def recording(model, input_ids, attention_mask, **kwargs):
+        calls.append({"input_ids": input_ids, **kwargs})
+        return rollout(model, input_ids, attention_mask, **kwargs)
+
+    monkeypatch.setattr(inference, "multiplex_generate", recording)
+    monkeypatch.setattr(
+        inference, "make_generator", lambda seed, device: seeds.append(seed) or make_generator(seed, device)
+    )
+    return calls, seeds
+
+
+FILTERS = {"temperature": 0.7, "top_p": 0.9, "top_k": 7, "min_p": 0.05, "max_thinking_tokens": 2, "max_new_tokens": 6}
+
+
+def test_generate_arguments_reach_the_rollout(tok, model, rollouts):
+    calls, seeds = rollouts
+    model.generation_config.eos_token_id = [tok.eos_token_id, 9]  # e.g. a chat model's end-of-turn token
+    samples = generate(
+        model, ["hi", "yo"], tokenizer=tok, width=2, merge="averaged", system_prompt="Be brief.", num_samples=2,
+        batch_size=3, seed=5, **FILTERS,
+    )  # fmt: skip
+    assert [len(s) for s in samples] == [2, 2] and [c["input_ids"].size(0) for c in calls] == [3, 1]
+    assert seeds == [5]
+    for call in calls:
+        assert {k: call[k] for k in FILTERS} == FILTERS
+        assert (call["width"], call["mixer"].name, call["mixer"].merge) == (2, "multiplex", "averaged")
+        assert call["eos_token_ids"] == [tok.eos_token_id, 9]
+        for row in call["input_ids"]:
+            assert tok.decode(row, skip_special_tokens=True).startswith("Be brief.")  # the system message first
+
+
+def test_generate_cli_flags_reach_the_rollout(tiny_model_dir, rollouts, capsys):
+    calls, seeds = rollouts
+    args = ["--model", tiny_model_dir, "--prompt", "hi", "--device", "cpu", "--num-samples", "3", "--batch-size", "2"]
+    args += ["--seed", "5", "--system-prompt", "Be brief.", "--width", "2", "--merge", "averaged"]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in FILTERS.items()] + ["--thinking-end", "A:"]
+    assert inference.main(args) == 0
+    assert capsys.readouterr().out.count("=== prompt 0, sample") == 3
+    assert [c["input_ids"].size(0) for c in calls] == [2, 1] and seeds == [5]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for call in calls:
+        assert {k: call[k] for k in FILTERS} == FILTERS
+        assert call["thinking_end_ids"] == tok.encode("A:", add_special_tokens=False)
+        assert (call["width"], call["mixer"].name, call["mixer"].merge) == (2, "multiplex", "averaged")
+        assert tok.decode(call["input_ids"][0], skip_special_tokens=True).startswith("Be brief.")
+
+
+def test_eos_ids_are_the_generation_configs_and_the_tokenizers(tok, model):
+    """As TRL collects them: a chat model's end-of-turn token in generation_config.json also ends a completion."""
+    assert inference.eos_token_ids(model, tok) == [tok.eos_token_id]
+    model.generation_config.eos_token_id = [5, 6]
+    assert inference.eos_token_ids(model, tok) == [tok.eos_token_id, 5, 6]
+    model.generation_config.eos_token_id = [6, tok.eos_token_id]
+    assert inference.eos_token_ids(model, tok) == [6, tok.eos_token_id]
+
+
+def test_thinking_ends_at_the_first_marker():
+    """The answer phase may write the marker again; the thinking/answer split is where the rollout closed thinking."""
+    assert inference._marker_end([1, 7, 8, 2, 7, 8, 3], [7, 8]) == 3
+    assert inference._marker_end([1, 7, 2], [7, 8]) is None
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"min_p": 1.5}, r"min_p must be in \[0, 1\]"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"max_thinking_tokens": -1}, "max_thinking_tokens must be >= 0"),
+    ],
+)
+def test_bad_decoding_settings_are_refused(setting, message):
+    with pytest.raises(UsageError, match=message):
+        resolve_decoding(None, **setting)

@@ -127,3 +127,33 @@ def test_the_trainer_sets_the_bundled_rewards_marker(tok, model):
     )
     assert rewards.THINKING_END == "A:"
     assert accuracy_reward([chat("1+1 A: 2")], answer=["2"]) == [1.0]
+
+
+def test_only_the_answer_phase_is_graded_when_it_has_no_answer():
+    """A right \\boxed{} in the thinking does not count when the answer phase gives none (or another one)."""
+    import reasoning_gym
+
+    assert accuracy_reward([chat("so \\boxed{7}</think>I am not sure.")], answer=["7"]) == [0.0]
+    entry = reasoning_gym.create_dataset("chain_sum", size=1, seed=0)[0]
+    text = f"so \\boxed{{{entry['answer']}}}</think>I am not sure."
+    assert reasoning_gym_reward([chat(text)], rg_entry=[json.dumps(entry)], task=["chain_sum"]) == [0.0]
+
+
+def test_last_boxed_answer_is_the_final_one():
+    assert extract_final("first \\boxed{1}, then \\boxed{\\frac{2}{3}} and done") == "\\frac{2}{3}"
+    assert rewards.last_boxed("\\boxed{4} \\boxed{5") is None  # unbalanced: no answer
+
+
+def test_reward_columns_check_reads_the_signature():
+    """Required arguments (keyword-only ones too) must be dataset columns or what TRL passes every reward."""
+    from multiplex_trl.rewards import check_reward_columns
+
+    def needs_level(completions, *, level, **kwargs):
+        return [0.0] * len(completions)
+
+    def uses_trl_kwargs(prompts, completions, completion_ids, trainer_state, answer, hint=None, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ValueError, match="reward 'mine' needs the dataset column 'level', which dataset 'ds' lacks"):
+        check_reward_columns([needs_level], ["mine"], ["prompt", "answer"], "ds")
+    check_reward_columns([needs_level, uses_trl_kwargs], ["a", "b"], ["prompt", "answer", "level"], "ds")

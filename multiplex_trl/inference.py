@@ -270,10 +270,10 @@ def decode_batch(
 ) -> list[Sample]:
     """One batched rollout of `decoding`'s mixer over `conversations` (one row each) -> one Sample per row."""
     device = next(model.parameters()).device
-    marker = thinking_end_ids(tokenizer, decoding.thinking_end)
     input_ids, attention_mask = encode_prompts(tokenizer, conversations, device)
     prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
     try:
+        marker = thinking_end_ids(tokenizer, decoding.thinking_end)
         check_prompts_open_thinking(tokenizer, prompts, decoding.thinking_end, marker)
     except ValueError as error:  # the CLIs print it in one line
         raise UsageError(str(error)) from None

@@ -56,6 +56,14 @@ def thinking_end_ids(tokenizer: PreTrainedTokenizerBase, marker: str) -> list[in
             f"thinking_end={marker!r} cannot be encoded by this tokenizer (got ids {ids}): set thinking_end to a "
             "string the tokenizer round-trips, e.g. '</think>' for reasoning models."
         )
+    if tokenizer.decode(ids, skip_special_tokens=True) != marker:
+        # TRL decodes the completions the rewards read with skip_special_tokens=True, and so do generate and eval:
+        # a special marker vanishes from the text, and every completion would read as unclosed (scored 0).
+        raise ValueError(
+            f"thinking_end={marker!r} is a special token of this tokenizer, so decoding with skip_special_tokens=True "
+            "(TRL's completions for the rewards, generate, eval) drops it and no answer would be graded: set "
+            '"special": false for it in tokenizer.json\'s added_tokens, or set thinking_end to a marker kept as text.'
+        )
     return ids
 
 

@@ -155,6 +155,35 @@ def test_unencodable_marker_is_refused_before_the_model_loads(tiny_model_dir, mo
         )
 
 
+def test_a_special_token_marker_is_refused_and_the_named_fix_works(tmp_path):
+    """A marker the tokenizer marks special vanishes from text decoded with skip_special_tokens=True (TRL's completions
+    for the rewards, generate, eval): every answer would read as unclosed and score 0. Refused, and the fix the error
+    names (tokenizer.json's `"special": false`) makes it accepted."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from multiplex_trl.testing import tiny_tokenizer
+    from multiplex_trl.trainer import thinking_end_ids
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[/THINK]"]})
+    with pytest.raises(
+        ValueError, match=r"thinking_end='\[/THINK\]' is a special token of this tokenizer, so decoding"
+    ):
+        thinking_end_ids(tokenizer, "[/THINK]")
+    tokenizer.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    for token in saved["added_tokens"]:
+        token["special"] = token["special"] and token["content"] != "[/THINK]"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    fixed = AutoTokenizer.from_pretrained(tmp_path)
+    assert thinking_end_ids(fixed, "[/THINK]") == tokenizer.convert_tokens_to_ids(["[/THINK]"])
+    assert (
+        fixed.decode(fixed.encode("ab[/THINK]7", add_special_tokens=False), skip_special_tokens=True) == "ab[/THINK]7"
+    )
+
+
 def test_tools_are_refused_with_multiplex(tok, model):
     def tool(x: int) -> int:
         """Adds one.

@@ -289,6 +289,30 @@ def test_a_marker_the_tokenizer_cannot_encode_is_one_line(tiny_model_dir, data, 
     assert err.strip().splitlines()[-1].startswith("multiplex-trl grpo: error: thinking_end='§' cannot be encoded")
 
 
+def test_a_special_token_marker_is_one_line_before_the_model_loads(
+    tiny_model_dir, data, tmp_path, monkeypatch, capsys
+):
+    """A marker the tokenizer marks special never reaches the rewards (TRL decodes with skip_special_tokens=True), so
+    every reward would be 0: refused by the script in one line, before the trainer or the model."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the trainer was built before the marker was checked")
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[/THINK]"]})
+    tokenizer.save_pretrained(model_dir)
+    monkeypatch.setattr(grpo, "MultiplexGRPOTrainer", refuse)
+    status = cli.main(["grpo", *tiny_run_args(model_dir, data, tmp_path / "run", "--thinking_end", "[/THINK]")])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("multiplex-trl grpo: error: thinking_end='[/THINK]' is a special")
+
+
 def test_cli_shows_a_missing_dependency_and_restores_argv(monkeypatch, tmp_path, capsys):
     """A command whose own module is there but imports a missing package raises that import error (not 'command not
     available'); the program name argparse shows is restored after a command runs."""

@@ -293,6 +293,20 @@ def test_generate_refuses_counts_below_one_before_loading(tiny_model_dir, capsys
         generate(tiny_model_dir, "hi", **{name: value})
 
 
+def test_a_special_token_marker_is_one_line_error(tiny_model_dir, tmp_path, capsys):
+    """generate with a marker its tokenizer marks special (dropped from the decoded text, so nothing would be graded):
+    one line after the model loads, no traceback."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[/THINK]"]})
+    tokenizer.save_pretrained(model_dir)
+    args = ["--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "4", "--thinking-end", "[/THINK]"]
+    assert inference.main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the weights' loading bar
+    assert last.startswith("multiplex-trl generate: error: thinking_end='[/THINK]' is a special token of this")
+
+
 def test_a_template_that_closes_thinking_is_one_line_error(tiny_model_dir, tmp_path, capsys):
     """A chat template that renders thinking already closed leaves no thinking phase: generate and eval say so in one
     line after the model loads (they decoded the answer as multiplex thinking), and eval records no results."""

@@ -58,6 +58,7 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before the rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="results file stem (default: the script name, plus '-cuda' on cuda)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="folder for the .json and .md results")
     p.add_argument(
         "--smollm2-config",
         default=None,
@@ -306,6 +307,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_results(
+    args: argparse.Namespace,
     name: str,
     title: str,
     tables: list[tuple[str, list[dict], list[str]]],
@@ -313,8 +315,9 @@ def write_results(
     notes: list[str],
     skipped: list[str],
 ) -> None:
-    """Print the tables and write bench/results/<name>.json and .md. `tables` holds (heading, rows, columns)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Print the tables and write <args.results_dir>/<name>.json and .md. `tables` holds (heading, rows, columns)."""
+    out = args.results_dir
+    out.mkdir(parents=True, exist_ok=True)
     parts = [
         f"# {title}",
         "",
@@ -329,11 +332,11 @@ def write_results(
         parts += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     text = "\n".join(parts)
     print(text)
-    (RESULTS / f"{name}.md").write_text(text)
+    (out / f"{name}.md").write_text(text)
     payload = {"title": title, "environment": env, "tables": {h: rows for h, rows, _ in tables}, "skipped": skipped}
     payload["notes"] = notes
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}.json and .md")
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out / name}.json and .md")
 
 
 def verdict(value: float, target: float) -> str:

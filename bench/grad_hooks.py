@@ -81,6 +81,7 @@ def main():
         f"{args.reps} interleaved rounds; ± is half their range. The training forward runs them too (once per call).",
     ]
     common.write_results(
+        args,
         args.name,
         "Input-grad hooks piling up: rollout time",
         [("rollout time against one hook", rows, columns)],

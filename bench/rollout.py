@@ -227,6 +227,7 @@ def main():
             f"a third call ({', '.join(sorted(SYNC_OPS))}). The prefill forward counts in the per-step figures."
         ]
         common.write_results(
+            args,
             args.name + "-profile",
             "Rollout profile",
             [("where the time goes", rows, columns)],
@@ -249,6 +250,7 @@ def main():
         "(do_sample, temperature 1, top_p 1, top_k 0, DynamicCache, no compile).",
     ]
     common.write_results(
+        args,
         args.name,
         "Rollout throughput",
         [("tokens/s and time ratios", rows, columns)],
@@ -285,6 +287,7 @@ def fast_loops(args, device, dtype):
         "another batch size, a longer cache or other sampling options).",
     ]
     common.write_results(
+        args,
         args.name + "-fast",
         "Rollout decode loops: eager vs static cache vs compiled step",
         [("tokens/s and time ratios against the eager loop", rows, columns)],

@@ -105,6 +105,7 @@ def main():
         f"prompt length {args.prompt_len}; EOS and end-of-thinking unreachable (every position is a thinking position).",
     ]
     common.write_results(
+        args,
         args.name,
         "Rollout scaling with completion length and width",
         [

@@ -207,6 +207,7 @@ def main():
             "temporaries freed inside a single op are netted at that op."
         )
     common.write_results(
+        args,
         args.name,
         "Train step: MultiplexGRPOTrainer vs GRPOTrainer",
         [("time and peak memory", rows, columns)],

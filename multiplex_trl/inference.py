@@ -31,7 +31,7 @@ from .mixers.base import constructor_defaults
 from .models import DEMO_MODEL_ALIASES, resolve_model_name_or_path
 from .rollout import multiplex_generate
 from .static_decode import check_compiled_window, check_decode_options
-from .trainer import check_prompts_open_thinking, thinking_end_ids
+from .trainer import check_prompts_open_thinking, thinking_end_ids, thinking_end_variants
 
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's maximum response length (thinking and answer together)
@@ -275,6 +275,7 @@ def decode_batch(
     try:
         marker = thinking_end_ids(tokenizer, decoding.thinking_end)
         check_prompts_open_thinking(tokenizer, prompts, decoding.thinking_end, marker)
+        variants = thinking_end_variants(tokenizer, decoding.thinking_end, marker)
     except ValueError as error:  # the CLIs print it in one line
         raise UsageError(str(error)) from None
     with global_rng_from(generator):
@@ -290,6 +291,7 @@ def decode_batch(
             min_p=decoding.min_p,
             max_new_tokens=decoding.max_new_tokens,
             thinking_end_ids=marker,
+            thinking_end_variants=variants,
             eos_token_ids=eos_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             max_thinking_tokens=decoding.max_thinking_tokens,
@@ -305,7 +307,7 @@ def decode_batch(
     for row, length in enumerate(rollout.lengths()):
         ids, weights = rollout.ids[row, :length].cpu(), rollout.weights[row, :length].float().cpu()
         tokens = ids[:, 0].tolist()
-        end = _marker_end(tokens, marker) if bool(rollout.closed[row]) else None
+        end = _marker_end(tokens, [marker, *variants]) if bool(rollout.closed[row]) else None
         samples.append(
             Sample(
                 text=decode(tokens),
@@ -321,12 +323,12 @@ def decode_batch(
     return samples
 
 
-def _marker_end(tokens: list[int], marker: list[int]) -> int | None:
-    """Index just past the first occurrence of `marker` in the slot-0 stream (where the rollout closed thinking)."""
-    n = len(marker)
-    for i in range(len(tokens) - n + 1):
-        if tokens[i : i + n] == marker:
-            return i + n
+def _marker_end(tokens: list[int], markers: list[list[int]]) -> int | None:
+    """Index just past the first place the slot-0 stream completes one of `markers` (the marker and its variants):
+    where the rollout closed thinking."""
+    for end in range(1, len(tokens) + 1):
+        if any(tokens[max(end - len(m), 0) : end] == m for m in markers):
+            return end
     return None
 
 

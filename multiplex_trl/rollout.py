@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -55,6 +56,7 @@ def multiplex_generate(
     thinking_end_ids: list[int],
     eos_token_ids: list[int],
     pad_token_id: int,
+    thinking_end_variants: Sequence[list[int]] = (),
     max_thinking_tokens: int | None = None,
     generator: torch.Generator | None = None,
     mixer: Mixer | str = "multiplex",
@@ -64,8 +66,9 @@ def multiplex_generate(
     """Sample multiplex completions for left-padded prompts [B, P].
 
     Thinking phase: K draws per position, fed as their merged embedding, until the slot-0 stream completes the
-    `thinking_end_ids` marker (or the budget forces it). Answer phase: one token per position. EOS in slot 0 ends a
-    row; finished rows are dropped from the batch (and the KV cache) so they cost nothing.
+    `thinking_end_ids` marker, or one of `thinking_end_variants` (other token sequences that write the same text,
+    `trainer.thinking_end_variants`), or the budget forces the marker. Answer phase: one token per position. EOS in
+    slot 0 ends a row; finished rows are dropped from the batch (and the KV cache) so they cost nothing.
     `mixer` swaps the multiplex draw for another token-mixing rule (a name or a `Mixer`, see `multiplex_trl.mixers`).
 
     `cache_implementation="static"` decodes with a preallocated KV cache and fixed shapes instead: finished rows
@@ -98,6 +101,12 @@ def multiplex_generate(
     batch, k = input_ids.size(0), width
     marker = torch.tensor(thinking_end_ids, device=device)  # [L]
     marker_0 = marker[0]
+    # The marker and the other token sequences that write it (a text marker after a space), right-aligned in [M, S];
+    # -2 before the shorter ones is a wildcard (a sequence compares only its own last tokens).
+    span = max([marker.numel(), *(len(v) for v in thinking_end_variants)])
+    markers = torch.tensor(
+        [[-2] * (span - len(m)) + list(m) for m in [thinking_end_ids, *thinking_end_variants]], device=device
+    )
     eos = torch.tensor(eos_token_ids, device=device)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
     embed = model.get_input_embeddings()
@@ -111,7 +120,7 @@ def multiplex_generate(
     thought = torch.zeros(batch, dtype=torch.long, device=device)  # thinking positions so far
     forcing = torch.full((batch,), -1, dtype=torch.long, device=device)  # index into marker while forced, else -1
     cold = torch.zeros(batch, dtype=torch.long, device=device)  # consecutive low-entropy thinking positions
-    recent = torch.full((batch, marker.numel()), -1, dtype=torch.long, device=device)  # last slot-0 ids
+    recent = torch.full((batch, span), -1, dtype=torch.long, device=device)  # last slot-0 ids
     one_hot = torch.zeros(k, device=device)
     one_hot[0] = 1.0
     slot_is_pad = ~one_hot.bool()
@@ -167,11 +176,12 @@ def multiplex_generate(
         logps = full_logprobs.gather(-1, ids)
         slot0 = ids[:, 0]
         open_rows = thinking & alive if static else thinking  # static: a finished row's thinking state stays
-        if marker.numel() == 1:
+        if span == 1 and not thinking_end_variants:
             closes = open_rows & (slot0 == marker_0)
-        else:  # match the marker's token sequence on the slot-0 stream
+        else:  # match the marker's token sequences on the slot-0 stream
             recent = torch.cat([recent[:, 1:], slot0.unsqueeze(-1)], dim=-1)
-            closes = open_rows & ((recent == marker).all(-1) | (forcing == marker.numel() - 1))
+            written = ((recent.unsqueeze(1) == markers) | (markers < -1)).all(-1).any(-1)
+            closes = open_rows & (written | (forcing == marker.numel() - 1))
         ends = torch.isin(slot0, eos)
         next_thinking = thinking & ~closes
         merged = next_thinking & ~ends  # thinking rows that neither close thinking nor end here

@@ -67,6 +67,29 @@ def thinking_end_ids(tokenizer: PreTrainedTokenizerBase, marker: str) -> list[in
     return ids
 
 
+# Text the model may write just before the marker: after it, a text marker can tokenize differently (SmolLM2 writes
+# "Answer:" as `Answer` `:` on a line of its own but as `ĠAnswer` `:` after a space).
+MARKER_CONTEXTS = (" ", "\n", "x ", "x\n", ". ", ".\n", ": ")
+
+
+def thinking_end_variants(tokenizer: PreTrainedTokenizerBase, marker: str, ids: list[int]) -> list[list[int]]:
+    """The other token sequences that write `marker` in context, each the shortest tail of some context + marker
+    that decodes to whitespace + marker. The rewards find the marker in the text whichever tokens wrote it, so the
+    rollout closes thinking on each of them too. Empty for a marker that is one token (`</think>`)."""
+    variants: list[list[int]] = []
+    if marker != marker.lstrip():  # the marker's own leading whitespace decides where it starts: no variants
+        return variants
+    for context in MARKER_CONTEXTS:
+        full = tokenizer.encode(context + marker, add_special_tokens=False)
+        for start in range(len(full) - 1, -1, -1):
+            text = tokenizer.decode(full[start:])
+            if text.endswith(marker) and not text[: -len(marker)].strip():
+                if full[start:] != ids and full[start:] not in variants:
+                    variants.append(full[start:])
+                break
+    return variants
+
+
 def check_prompts_open_thinking(tokenizer, prompt_ids, marker: str, marker_ids: list[int]) -> None:
     """A prompt that already ends with the marker (a chat template that closes thinking) would have its answer decoded
     and trained as multiplex thinking: refuse it. `prompt_ids`: each prompt's ids, without padding."""
@@ -221,6 +244,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         for key, value in args.rollout_filters().items():  # generation_kwargs override the fields, as in TRL
             setattr(self, key, value)
         self.thinking_end_ids = marker_ids or thinking_end_ids(self._tokenizer, args.thinking_end)
+        self.thinking_end_variants = thinking_end_variants(self._tokenizer, args.thinking_end, self.thinking_end_ids)
         if self.multiplex:
             if self.aux_loss_enabled and router_aux_loss_function(unwrap_model(self.model)) is None:
                 raise ValueError(
@@ -320,6 +344,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             min_p=self.min_p,
             max_new_tokens=self.max_completion_length,
             thinking_end_ids=self.thinking_end_ids,
+            thinking_end_variants=self.thinking_end_variants,
             eos_token_ids=self.eos_token_ids,
             pad_token_id=self._tokenizer.pad_token_id,
             max_thinking_tokens=args.max_thinking_tokens,

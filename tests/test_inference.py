@@ -402,10 +402,83 @@ def test_eos_ids_are_the_generation_configs_and_the_tokenizers(tok, model):
     assert inference.eos_token_ids(model, tok) == [6, tok.eos_token_id]
 
 
+def byte_level_tokenizer():
+    """Words carry their leading space (GPT-2 / SmolLM2 style): " Answer" is one token `ĠAnswer`, "Answer" another."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from multiplex_trl.testing import CHAT_TEMPLATE
+
+    words = [
+        "<pad>",
+        "<eos>",
+        "<unk>",
+        "<|user|>",
+        "<|assistant|>",
+        "Answer",
+        "ĠAnswer",
+        ":",
+        "Ġ",
+        "x",
+        "Ġx",
+        "7",
+        "Ġ7",
+    ]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words + ["Ċ", "."])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("<think>", "")
+    return tokenizer
+
+
+def test_a_text_marker_after_a_space_closes_thinking():
+    """With --thinking-end "Answer:" a model may write the marker on its own line (`Answer` `:`) or after a space
+    (`ĠAnswer` `:`); the rewards find it in the text either way, so either closes thinking, and the sample's thinking
+    and answer split there. Before, the second thought on through the answer (2 of 64 SmolLM2 demo samples)."""
+    from conftest import Scripted
+
+    from multiplex_trl.inference import Decoding, decode_batch
+    from multiplex_trl.testing import tiny_model
+    from multiplex_trl.trainer import thinking_end_ids, thinking_end_variants
+
+    tokenizer = byte_level_tokenizer()
+    marker = thinking_end_ids(tokenizer, "Answer:")
+    assert tokenizer.convert_ids_to_tokens(marker) == ["Answer", ":"]
+    variants = thinking_end_variants(tokenizer, "Answer:", marker)
+    assert [tokenizer.convert_ids_to_tokens(v) for v in variants] == [["ĠAnswer", ":"]]
+    assert thinking_end_variants(tokenizer, "\nAnswer:", [13, 5, 7]) == []  # its own leading whitespace decides
+    stream = tokenizer.encode("x x Answer: 7", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert tokenizer.convert_ids_to_tokens(stream[2:4]) == ["ĠAnswer", ":"]
+
+    def bias(step):
+        logits = torch.full((len(tokenizer),), -1e4)
+        logits[stream[min(step, len(stream) - 1)]] = 0.0
+        return logits
+
+    model = tiny_model(tokenizer)
+    scripted = Scripted(model, bias)
+    scripted.generation_config = model.generation_config
+    decoding = Decoding(
+        mixer="multiplex", width=3, mixer_params={"merge": "weighted"}, temperature=1.0, top_p=1.0, top_k=None,
+        min_p=None, thinking_end="Answer:", max_thinking_tokens=None, max_new_tokens=8,
+    )  # fmt: skip
+    (sample,) = decode_batch(scripted, tokenizer, [[{"role": "user", "content": "x"}]], decoding)
+    assert sample.closed and sample.text == "x x Answer: 7"
+    assert (sample.thinking, sample.answer) == ("x x", " 7")
+    assert sample.thinking_length == 3  # x, Ġx, ĠAnswer: the position that writes `:` closes thinking
+
+
 def test_thinking_ends_at_the_first_marker():
     """The answer phase may write the marker again; the thinking/answer split is where the rollout closed thinking."""
-    assert inference._marker_end([1, 7, 8, 2, 7, 8, 3], [7, 8]) == 3
-    assert inference._marker_end([1, 7, 2], [7, 8]) is None
+    assert inference._marker_end([1, 7, 8, 2, 7, 8, 3], [[7, 8]]) == 3
+    assert inference._marker_end([1, 7, 2], [[7, 8]]) is None
+    # with a variant (the marker after a space): whichever sequence the stream completes first
+    assert inference._marker_end([1, 9, 8, 2, 7, 8, 3], [[7, 8], [9, 8]]) == 3
+    assert inference._marker_end([8, 7, 8, 9, 8], [[7, 8], [9, 8]]) == 3
 
 
 @pytest.mark.parametrize(

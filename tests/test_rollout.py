@@ -101,6 +101,31 @@ def test_multi_token_marker_is_matched_on_the_slot0_stream_of_branching_rows(tok
     assert r.closed.any() and later_slot_only, "the marker should complete in later slots somewhere"
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_a_variant_of_the_marker_closes_thinking_as_the_marker_does(tok, model, cache_implementation):
+    """`thinking_end_variants` are other token sequences that write the marker (a text marker after a space): a row
+    whose slot-0 stream completes one closes thinking there, a longer one included, and a partial one does not."""
+    a, b, c, d, x = (_ids(tok, ch)[0] for ch in "abcdx")
+    streams = {  # the marker is [a, b]; the variants [c, b] and [d, c, b] (longer than the marker); rows end in order
+        0: [x, a, b, x, EOS],  # the marker itself
+        1: [x, c, b, x, EOS],  # closes with the short variant at step 2
+        2: [x, d, c, b, x, EOS],  # closes with the long variant at step 3 (its tail [c, b] is a variant too)
+        3: [x, d, x, b, c, x, EOS],  # no sequence completed: thinks to its end
+    }
+
+    def script(row, step):
+        return streams[row][step] if step < len(streams[row]) else EOS
+
+    r, _, _ = generate_rollout(
+        RowScript(model, len(tok), 4, script), tok, ["w", "x", "y", "z"], max_new_tokens=12,
+        thinking_end_ids=[a, b], thinking_end_variants=[[c, b], [d, c, b]], cache_implementation=cache_implementation,
+    )  # fmt: skip
+    assert r.lengths() == [5, 5, 6, 7]
+    assert r.closed.tolist() == [True, True, True, False]
+    assert r.thinking_mask.sum(-1).tolist() == [2, 2, 3, 6]  # positions before the sequence's last token
+    assert r.ids[1, 2].tolist() == [b, PAD, PAD] and r.ids[2, 3].tolist() == [b, PAD, PAD]
+
+
 def test_eos_in_slot0_while_thinking_ends_the_completion(tok, model):
     a = _ids(tok, "a")[0]
     steered = Steered(model, _force(len(tok), lambda s: a if s < 2 else EOS))

@@ -164,6 +164,24 @@ def test_the_configured_mixer_draws_the_slots_and_weights_the_logprobs(tmp_path,
     assert ((old - summed)[think].abs() > 1e-2).all()  # the two rules differ at every thinking position
 
 
+def test_the_rollout_closes_thinking_on_the_markers_variants(tmp_path, monkeypatch):
+    """The trainer's rollout gets the other token sequences of a text marker (`ĠAnswer` `:` after a space), which the
+    rewards read as the marker too."""
+    from test_inference import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer()
+    seen, generate = [], trainer_module.multiplex_generate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["thinking_end_variants"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "multiplex_generate", recording)
+    tr = _trainer(tokenizer, tiny_model(tokenizer), _args(tmp_path, thinking_end="Answer:"))
+    tr._generate_and_score_completions([{"prompt": [{"role": "user", "content": "x"}]}] * 4)
+    assert seen == [[tokenizer.convert_tokens_to_ids(["ĠAnswer", ":"])]]
+
+
 @pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
 def test_every_trl_loss_type_trains(tmp_path, tok, loss_type):
     model = tiny_model(tok)

@@ -472,6 +472,31 @@ def test_a_text_marker_after_a_space_closes_thinking():
     assert sample.thinking_length == 3  # x, Ġx, ĠAnswer: the position that writes `:` closes thinking
 
 
+def test_marker_variants_of_a_sentencepiece_tokenizer():
+    """Llama / Mistral style (Metaspace): "Answer:" alone encodes as `▁Answer` `:`, the form after a space, so the
+    variant is the form on a line of its own, `Answer` `:`, the one a prompt asking for an "Answer:" line gets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from multiplex_trl.trainer import thinking_end_ids, thinking_end_variants
+
+    words = ["<pad>", "<eos>", "<unk>", "▁Answer", "Answer", ":", "▁", "▁x", "x", "\n"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(prepend_scheme="first"), pre_tokenizers.Split("\n", behavior="isolated")]
+        + [pre_tokenizers.Punctuation()]
+    )
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("x\nAnswer:", add_special_tokens=False)) == [
+        "▁x", "\n", "Answer", ":",
+    ]  # fmt: skip
+    marker = thinking_end_ids(tokenizer, "Answer:")
+    assert tokenizer.convert_ids_to_tokens(marker) == ["▁Answer", ":"]
+    variants = thinking_end_variants(tokenizer, "Answer:", marker)
+    assert [tokenizer.convert_ids_to_tokens(v) for v in variants] == [["Answer", ":"]]
+
+
 def test_thinking_ends_at_the_first_marker():
     """The answer phase may write the marker again; the thinking/answer split is where the rollout closed thinking."""
     assert inference._marker_end([1, 7, 8, 2, 7, 8, 3], [[7, 8]]) == 3

@@ -199,13 +199,16 @@ def test_adding_a_mixer_is_one_subclass(tok, model):
         MIXERS.pop("test_greedy")
 
 
+@pytest.mark.parametrize("top_k", [None, 3], ids=["unfiltered", "top_k=3"])
 @pytest.mark.parametrize("name", sorted(MIXERS))
-def test_answer_phase_samples_the_policy_for_every_mixer(tok, model, name):
-    """METHOD.md 2: after the marker decoding is ordinary sampling, whatever the thinking phase's mixer. Top-k mixers
-    (soft, gumbel, dirichlet) used to take their slot 0 there: greedy, or never a token outside the top K."""
+def test_answer_phase_samples_the_policy_for_every_mixer(tok, model, name, top_k):
+    """METHOD.md 2: after the marker decoding is ordinary sampling of the filtered policy, whatever the thinking
+    phase's mixer, and the stored log-prob is the full temperature softmax's, as the trainer recomputes it. Top-k
+    mixers (soft, gumbel, dirichlet) used to take their slot 0 there: greedy, or never a token outside the top K."""
     marker = tok.convert_tokens_to_ids("</think>")
     toks = list(range(17, 22))
     pi = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.10])
+    kept = pi if top_k is None else torch.cat([pi[:top_k] / pi[:top_k].sum(), torch.zeros(len(pi) - top_k)])
 
     def bias(step):  # step 0: the marker; step 1 (the first answer position): pi over five tokens
         v = torch.full((len(tok),), -1e4)
@@ -216,37 +219,12 @@ def test_answer_phase_samples_the_policy_for_every_mixer(tok, model, name):
         return v
 
     torch.manual_seed(0)
-    r, _, _ = generate_rollout(Scripted(model, bias), tok, ["q"] * 4000, mixer=name, max_new_tokens=2)
+    r, _, _ = generate_rollout(Scripted(model, bias), tok, ["q"] * 4000, mixer=name, max_new_tokens=2, top_k=top_k)
     assert (r.ids[:, 0, 0] == marker).all() and not r.thinking_mask[:, 1].any()
     answer = r.ids[:, 1, 0]
     freq = torch.stack([(answer == t).float().mean() for t in toks])
-    assert 0.5 * (freq - pi).abs().sum().item() < 0.04, (name, freq.tolist())  # top-k answers: TV >= 0.2
-    assert torch.allclose(r.logprobs[:, 1], pi.log()[answer - toks[0]], atol=1e-5)
-
-
-@pytest.mark.parametrize("name", sorted(MIXERS))
-def test_answer_phase_applies_the_sampling_filters_for_every_mixer(tok, model, name):
-    """The answer phase samples the *filtered* policy (top-k here) for every mixer, and stores the log-prob of the
-    full temperature softmax, as the trainer recomputes it."""
-    marker = tok.convert_tokens_to_ids("</think>")
-    toks = list(range(17, 22))
-    pi = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.10])
-
-    def bias(step):  # step 0: the marker; step 1 (the first answer position): pi over five tokens
-        v = torch.full((len(tok),), -1e4)
-        if step == 0:
-            v[marker] = 1e4
-        else:
-            v[toks] = pi.log()
-        return v
-
-    torch.manual_seed(0)
-    r, _, _ = generate_rollout(Scripted(model, bias), tok, ["q"] * 2000, mixer=name, max_new_tokens=2, top_k=3)
-    assert (r.ids[:, 0, 0] == marker).all() and not r.thinking_mask[:, 1].any()
-    answer = r.ids[:, 1, 0]
-    freq = torch.stack([(answer == t).float().mean() for t in toks])
-    kept = torch.cat([pi[:3] / pi[:3].sum(), torch.zeros(2)])
-    assert freq[3:].sum() == 0 and 0.5 * (freq - kept).abs().sum().item() < 0.04, (name, freq.tolist())
+    assert freq[kept == 0].sum() == 0  # nothing outside the filter
+    assert 0.5 * (freq - kept).abs().sum().item() < 0.04, (name, freq.tolist())  # top-k answers: TV >= 0.2
     assert torch.allclose(r.logprobs[:, 1], pi.log()[answer - toks[0]], atol=1e-5)
 
 

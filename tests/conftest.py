@@ -160,3 +160,36 @@ class RowScript(Steered):
                 logits[row, t] = v
         out.logits[:, -1] = logits[self.rows - n :]
         return out
+
+
+def byte_level_tokenizer():
+    """Words carry their leading space (GPT-2 / SmolLM2 style): " Answer" is one token `ĠAnswer`, "Answer" another."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from multiplex_trl.testing import CHAT_TEMPLATE
+
+    words = [
+        "<pad>",
+        "<eos>",
+        "<unk>",
+        "<|user|>",
+        "<|assistant|>",
+        "Answer",
+        "ĠAnswer",
+        ":",
+        "Ġ",
+        "x",
+        "Ġx",
+        "7",
+        "Ġ7",
+    ]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words + ["Ċ", "."])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("<think>", "")
+    return tokenizer

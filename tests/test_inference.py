@@ -402,44 +402,11 @@ def test_eos_ids_are_the_generation_configs_and_the_tokenizers(tok, model):
     assert inference.eos_token_ids(model, tok) == [6, tok.eos_token_id]
 
 
-def byte_level_tokenizer():
-    """Words carry their leading space (GPT-2 / SmolLM2 style): " Answer" is one token `ĠAnswer`, "Answer" another."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from multiplex_trl.testing import CHAT_TEMPLATE
-
-    words = [
-        "<pad>",
-        "<eos>",
-        "<unk>",
-        "<|user|>",
-        "<|assistant|>",
-        "Answer",
-        "ĠAnswer",
-        ":",
-        "Ġ",
-        "x",
-        "Ġx",
-        "7",
-        "Ġ7",
-    ]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words + ["Ċ", "."])}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
-    tokenizer.chat_template = CHAT_TEMPLATE.replace("<think>", "")
-    return tokenizer
-
-
 def test_a_text_marker_after_a_space_closes_thinking():
     """With --thinking-end "Answer:" a model may write the marker on its own line (`Answer` `:`) or after a space
     (`ĠAnswer` `:`); the rewards find it in the text either way, so either closes thinking, and the sample's thinking
     and answer split there. Before, the second thought on through the answer (2 of 64 SmolLM2 demo samples)."""
-    from conftest import Scripted
+    from conftest import Scripted, byte_level_tokenizer
 
     from multiplex_trl.inference import Decoding, decode_batch
     from multiplex_trl.testing import tiny_model

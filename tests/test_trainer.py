@@ -167,7 +167,7 @@ def test_the_configured_mixer_draws_the_slots_and_weights_the_logprobs(tmp_path,
 def test_the_rollout_closes_thinking_on_the_markers_variants(tmp_path, monkeypatch):
     """The trainer's rollout gets the other token sequences of a text marker (`ĠAnswer` `:` after a space), which the
     rewards read as the marker too."""
-    from test_inference import byte_level_tokenizer
+    from conftest import byte_level_tokenizer
 
     tokenizer = byte_level_tokenizer()
     seen, generate = [], trainer_module.multiplex_generate

@@ -24,8 +24,9 @@ from . import hub
 from .config import MultiplexGRPOConfig
 from .data import load_prompts
 from .inference import find_model
+from .markers import thinking_end_automaton, thinking_end_ids
 from .rewards import check_reward_columns, get_reward_funcs
-from .trainer import MultiplexGRPOTrainer, thinking_end_ids
+from .trainer import MultiplexGRPOTrainer
 
 
 @dataclass
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> str:
         padding_side="left",
     )
     try:
-        thinking_end_ids(tokenizer, training_args.thinking_end)  # the trainer checks it too: here it is one line
+        marker = training_args.thinking_end  # the trainer checks it too: here it is one line, before the model loads
+        thinking_end_automaton(tokenizer, marker, thinking_end_ids(tokenizer, marker))
     except ValueError as error:
         raise ConfigError(str(error)) from error
 

@@ -26,12 +26,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .config import MultiplexGRPOConfig
 from .hub import hub_offline, load_multiplex_settings
+from .markers import check_prompts_open_thinking, thinking_end_automaton, thinking_end_ids
 from .mixers import MIXERS, Mixer, get_mixer
 from .mixers.base import constructor_defaults
 from .models import DEMO_MODEL_ALIASES, resolve_model_name_or_path
 from .rollout import multiplex_generate
 from .static_decode import check_compiled_window, check_decode_options
-from .trainer import check_prompts_open_thinking, thinking_end_ids, thinking_end_variants
 
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's maximum response length (thinking and answer together)
@@ -275,7 +275,7 @@ def decode_batch(
     try:
         marker = thinking_end_ids(tokenizer, decoding.thinking_end)
         check_prompts_open_thinking(tokenizer, prompts, decoding.thinking_end, marker)
-        variants = thinking_end_variants(tokenizer, decoding.thinking_end, marker)
+        automaton = thinking_end_automaton(tokenizer, decoding.thinking_end, marker)
     except ValueError as error:  # the CLIs print it in one line
         raise UsageError(str(error)) from None
     with global_rng_from(generator):
@@ -291,7 +291,7 @@ def decode_batch(
             min_p=decoding.min_p,
             max_new_tokens=decoding.max_new_tokens,
             thinking_end_ids=marker,
-            thinking_end_variants=variants,
+            thinking_end_automaton=automaton,
             eos_token_ids=eos_token_ids(model, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             max_thinking_tokens=decoding.max_thinking_tokens,
@@ -306,30 +306,24 @@ def decode_batch(
     samples = []
     for row, length in enumerate(rollout.lengths()):
         ids, weights = rollout.ids[row, :length].cpu(), rollout.weights[row, :length].float().cpu()
-        tokens = ids[:, 0].tolist()
-        end = _marker_end(tokens, [marker, *variants]) if bool(rollout.closed[row]) else None
+        text = decode(ids[:, 0].tolist())
+        # The rollout closed thinking at the first place the text writes the marker: split there, as the rewards do.
+        thinking, found, answer = (
+            text.partition(decoding.thinking_end) if bool(rollout.closed[row]) else (text, "", "")
+        )
         samples.append(
             Sample(
-                text=decode(tokens),
-                thinking=decode(tokens if end is None else tokens[: end - len(marker)]),
-                answer="" if end is None else decode(tokens[end:]),
+                text=text,
+                thinking=thinking,
+                answer=answer,
                 ids=ids,
                 weights=weights,
                 thinking_length=int(rollout.thinking_mask[row].sum()),
-                closed=end is not None,
+                closed=bool(found),
                 mixer=decoding.mixer,
             )
         )
     return samples
-
-
-def _marker_end(tokens: list[int], markers: list[list[int]]) -> int | None:
-    """Index just past the first place the slot-0 stream completes one of `markers` (the marker and its variants):
-    where the rollout closed thinking."""
-    for end in range(1, len(tokens) + 1):
-        if any(tokens[max(end - len(m), 0) : end] == m for m in markers):
-            return end
-    return None
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:

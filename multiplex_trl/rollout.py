@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
+from .markers import token_automaton
 from .mixers import Mixer, get_mixer
 from .mixers.base import draw_token
 from .sampling import decode_step, prepare_logits
@@ -56,7 +56,7 @@ def multiplex_generate(
     thinking_end_ids: list[int],
     eos_token_ids: list[int],
     pad_token_id: int,
-    thinking_end_variants: Sequence[list[int]] = (),
+    thinking_end_automaton: torch.Tensor | None = None,
     max_thinking_tokens: int | None = None,
     generator: torch.Generator | None = None,
     mixer: Mixer | str = "multiplex",
@@ -66,8 +66,9 @@ def multiplex_generate(
     """Sample multiplex completions for left-padded prompts [B, P].
 
     Thinking phase: K draws per position, fed as their merged embedding, until the slot-0 stream completes the
-    `thinking_end_ids` marker, or one of `thinking_end_variants` (other token sequences that write the same text,
-    `trainer.thinking_end_variants`), or the budget forces the marker. Answer phase: one token per position. EOS in
+    `thinking_end_ids` marker, or the budget forces it. A marker of several tokens is matched by
+    `thinking_end_automaton` when given (`markers.thinking_end_automaton`: the first token whose text completes the
+    marker, whichever tokens wrote it), else as that token sequence. Answer phase: one token per position. EOS in
     slot 0 ends a row; finished rows are dropped from the batch (and the KV cache) so they cost nothing.
     `mixer` swaps the multiplex draw for another token-mixing rule (a name or a `Mixer`, see `multiplex_trl.mixers`).
 
@@ -101,12 +102,6 @@ def multiplex_generate(
     batch, k = input_ids.size(0), width
     marker = torch.tensor(thinking_end_ids, device=device)  # [L]
     marker_0 = marker[0]
-    # The marker and the other token sequences that write it (a text marker after a space), right-aligned in [M, S];
-    # -2 before the shorter ones is a wildcard (a sequence compares only its own last tokens).
-    span = max([marker.numel(), *(len(v) for v in thinking_end_variants)])
-    markers = torch.tensor(
-        [[-2] * (span - len(m)) + list(m) for m in [thinking_end_ids, *thinking_end_variants]], device=device
-    )
     eos = torch.tensor(eos_token_ids, device=device)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
     embed = model.get_input_embeddings()
@@ -120,7 +115,7 @@ def multiplex_generate(
     thought = torch.zeros(batch, dtype=torch.long, device=device)  # thinking positions so far
     forcing = torch.full((batch,), -1, dtype=torch.long, device=device)  # index into marker while forced, else -1
     cold = torch.zeros(batch, dtype=torch.long, device=device)  # consecutive low-entropy thinking positions
-    recent = torch.full((batch, span), -1, dtype=torch.long, device=device)  # last slot-0 ids
+    state = torch.zeros(batch, dtype=torch.long, device=device)  # the matcher's state on the slot-0 stream
     one_hot = torch.zeros(k, device=device)
     one_hot[0] = 1.0
     slot_is_pad = ~one_hot.bool()
@@ -157,6 +152,17 @@ def multiplex_generate(
     )
     cache = out.past_key_values
     filtered, full_logprobs = prepare_logits(out.logits[:, -1], **sampling)
+    # A marker of several tokens: a matcher over the slot-0 stream, its next-state table [S + 1, V] flattened
+    # (state S: the marker is written). Ids past the table (a vocabulary padded beyond the tokenizer's) keep the state.
+    table, vocab = None, full_logprobs.size(-1)
+    if marker.numel() > 1:
+        table = (
+            thinking_end_automaton if thinking_end_automaton is not None else token_automaton(thinking_end_ids, vocab)
+        )
+        if table.size(1) < vocab:
+            same = torch.arange(table.size(0), device=table.device).unsqueeze(-1).expand(-1, vocab - table.size(1))
+            table = torch.cat([table, same], dim=-1)
+        written_state, table = table.size(0) - 1, table[:, :vocab].flatten().to(device)
 
     for t in range(max_new_tokens):
         ids, weights = mixer.draw(filtered, full_logprobs, generator)  # [b, K]
@@ -176,12 +182,11 @@ def multiplex_generate(
         logps = full_logprobs.gather(-1, ids)
         slot0 = ids[:, 0]
         open_rows = thinking & alive if static else thinking  # static: a finished row's thinking state stays
-        if span == 1 and not thinking_end_variants:
+        if table is None:
             closes = open_rows & (slot0 == marker_0)
-        else:  # match the marker's token sequences on the slot-0 stream
-            recent = torch.cat([recent[:, 1:], slot0.unsqueeze(-1)], dim=-1)
-            written = ((recent.unsqueeze(1) == markers) | (markers < -1)).all(-1).any(-1)
-            closes = open_rows & (written | (forcing == marker.numel() - 1))
+        else:  # one lookup: the matcher's next state after the slot-0 token
+            state = table[state * vocab + slot0]
+            closes = open_rows & ((state == written_state) | (forcing == marker.numel() - 1))
         ends = torch.isin(slot0, eos)
         next_thinking = thinking & ~closes
         merged = next_thinking & ~ends  # thinking rows that neither close thinking nor end here
@@ -220,8 +225,8 @@ def multiplex_generate(
             lengths[rows], closed[rows] = t + 1, ~thinking  # final for the rows leaving (the rest: later)
             keep = (~ends).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
-            rows, mask, position, thinking, thought, forcing, recent, cold, ids, weights = (
-                x[keep] for x in (rows, mask, position, thinking, thought, forcing, recent, cold, ids, weights)
+            rows, mask, position, thinking, thought, forcing, state, cold, ids, weights = (
+                x[keep] for x in (rows, mask, position, thinking, thought, forcing, state, cold, ids, weights)
             )
 
         # The next position's filtered logits and log-softmax (compiled: read before the next call replaces them)

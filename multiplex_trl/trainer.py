@@ -22,6 +22,7 @@ from trl.trainer.utils import is_async_callable, pad
 
 from .config import MultiplexGRPOConfig
 from .logprobs import add_multiplex_head, multiplex_logprobs, router_aux_loss_function, unwrap_model
+from .markers import check_prompts_open_thinking, thinking_end_automaton, thinking_end_ids
 from .mixers import mixer_from_config
 from .rewards import set_thinking_end
 from .rollout import multiplex_generate
@@ -46,62 +47,6 @@ OVERRIDDEN_HOOKS = {
     "_compute_loss": ["self", "model", "inputs"],
     "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
 }
-
-
-def thinking_end_ids(tokenizer: PreTrainedTokenizerBase, marker: str) -> list[int]:
-    """Token ids of the end-of-thinking marker; raises if the tokenizer cannot encode it faithfully."""
-    ids = tokenizer.encode(marker, add_special_tokens=False)
-    if not ids or tokenizer.unk_token_id in ids or tokenizer.decode(ids) != marker:
-        raise ValueError(
-            f"thinking_end={marker!r} cannot be encoded by this tokenizer (got ids {ids}): set thinking_end to a "
-            "string the tokenizer round-trips, e.g. '</think>' for reasoning models."
-        )
-    if tokenizer.decode(ids, skip_special_tokens=True) != marker:
-        # TRL decodes the completions the rewards read with skip_special_tokens=True, and so do generate and eval:
-        # a special marker vanishes from the text, and every completion would read as unclosed (scored 0).
-        raise ValueError(
-            f"thinking_end={marker!r} is a special token of this tokenizer, so decoding with skip_special_tokens=True "
-            "(TRL's completions for the rewards, generate, eval) drops it and no answer would be graded: set "
-            '"special": false for it in tokenizer.json\'s added_tokens, or set thinking_end to a marker kept as text.'
-        )
-    return ids
-
-
-# Text the model may write just before the marker: after it, a text marker can tokenize differently (SmolLM2 writes
-# "Answer:" as `Answer` `:` on a line of its own but as `ĠAnswer` `:` after a space).
-MARKER_CONTEXTS = (" ", "\n", "x ", "x\n", ". ", ".\n", ": ")
-
-
-def thinking_end_variants(tokenizer: PreTrainedTokenizerBase, marker: str, ids: list[int]) -> list[list[int]]:
-    """The other token sequences that write `marker` in context, each the shortest tail of some context + marker
-    that decodes to whitespace + marker. The rewards find the marker in the text whichever tokens wrote it, so the
-    rollout closes thinking on each of them too. Empty for a marker that is one token (`</think>`)."""
-    variants: list[list[int]] = []
-    if marker != marker.lstrip():  # the marker's own leading whitespace decides where it starts: no variants
-        return variants
-    for context in MARKER_CONTEXTS:
-        full = tokenizer.encode(context + marker, add_special_tokens=False)
-        for start in range(len(full) - 1, -1, -1):
-            text = tokenizer.decode(full[start:])
-            if text.endswith(marker) and not text[: -len(marker)].strip():
-                if full[start:] != ids and full[start:] not in variants:
-                    variants.append(full[start:])
-                break
-    return variants
-
-
-def check_prompts_open_thinking(tokenizer, prompt_ids, marker: str, marker_ids: list[int]) -> None:
-    """A prompt that already ends with the marker (a chat template that closes thinking) would have its answer decoded
-    and trained as multiplex thinking: refuse it. `prompt_ids`: each prompt's ids, without padding."""
-    tail = len(marker_ids) + 8  # the marker and some trailing whitespace tokens
-    for ids in prompt_ids:
-        text = tokenizer.decode(ids[-tail:])
-        if marker.strip() and text.rstrip().endswith(marker.strip()):
-            raise ValueError(
-                f"a prompt already ends with thinking_end={marker!r} (...{text[-40:]!r}), so its completion would have "
-                "no thinking phase: use a chat template that opens thinking, or set thinking_end to the marker the "
-                "model writes."
-            )
 
 
 def _pad_time(x: torch.Tensor, length: int, value) -> torch.Tensor:
@@ -244,7 +189,9 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         for key, value in args.rollout_filters().items():  # generation_kwargs override the fields, as in TRL
             setattr(self, key, value)
         self.thinking_end_ids = marker_ids or thinking_end_ids(self._tokenizer, args.thinking_end)
-        self.thinking_end_variants = thinking_end_variants(self._tokenizer, args.thinking_end, self.thinking_end_ids)
+        # A text marker's matcher (None for one token), kept where the rollout runs: it is [marker bytes + 1, vocab].
+        table = thinking_end_automaton(self._tokenizer, args.thinking_end, self.thinking_end_ids)
+        self.thinking_end_automaton = None if table is None else table.to(self.accelerator.device)
         if self.multiplex:
             if self.aux_loss_enabled and router_aux_loss_function(unwrap_model(self.model)) is None:
                 raise ValueError(
@@ -344,7 +291,7 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             min_p=self.min_p,
             max_new_tokens=self.max_completion_length,
             thinking_end_ids=self.thinking_end_ids,
-            thinking_end_variants=self.thinking_end_variants,
+            thinking_end_automaton=self.thinking_end_automaton,
             eos_token_ids=self.eos_token_ids,
             pad_token_id=self._tokenizer.pad_token_id,
             max_thinking_tokens=args.max_thinking_tokens,

@@ -184,7 +184,8 @@ def byte_level_tokenizer():
         "7",
         "Ġ7",
     ]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words + ["Ċ", "."])}, unk_token="<unk>"))
+    words += ["Ċ", ".", "Ġ**", "**", ":**"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(

@@ -163,8 +163,8 @@ def test_a_special_token_marker_is_refused_and_the_named_fix_works(tmp_path):
 
     from transformers import AutoTokenizer
 
+    from multiplex_trl.markers import thinking_end_ids
     from multiplex_trl.testing import tiny_tokenizer
-    from multiplex_trl.trainer import thinking_end_ids
 
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["[/THINK]"]})

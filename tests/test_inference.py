@@ -402,24 +402,30 @@ def test_eos_ids_are_the_generation_configs_and_the_tokenizers(tok, model):
     assert inference.eos_token_ids(model, tok) == [6, tok.eos_token_id]
 
 
-def test_a_text_marker_after_a_space_closes_thinking():
-    """With --thinking-end "Answer:" a model may write the marker on its own line (`Answer` `:`) or after a space
-    (`ĠAnswer` `:`); the rewards find it in the text either way, so either closes thinking, and the sample's thinking
-    and answer split there. Before, the second thought on through the answer (2 of 64 SmolLM2 demo samples)."""
+@pytest.mark.parametrize(
+    "text, thinking, answer, closing",
+    [
+        ("x x Answer: 7", "x x ", " 7", ["ĠAnswer", ":"]),  # after a space
+        ("x **Answer:** 7 Answer: 7", "x **", "** 7 Answer: 7", ["Answer", ":**"]),  # merged; written again later
+    ],
+)
+def test_a_text_marker_written_by_other_tokens_closes_thinking(text, thinking, answer, closing):
+    """With --thinking-end "Answer:" a model may write the marker on its own line (`Answer` `:`), after a space
+    (`ĠAnswer` `:`) or in bold (`Answer` `:**`); the rewards find it in the text whichever tokens wrote it, so each
+    closes thinking, and the sample's thinking and answer split at its first place, as the rewards split. Before, such
+    rows thought on through the answer (2 of 64 SmolLM2 demo samples)."""
     from conftest import Scripted, byte_level_tokenizer
 
     from multiplex_trl.inference import Decoding, decode_batch
+    from multiplex_trl.markers import thinking_end_ids
     from multiplex_trl.testing import tiny_model
-    from multiplex_trl.trainer import thinking_end_ids, thinking_end_variants
 
     tokenizer = byte_level_tokenizer()
-    marker = thinking_end_ids(tokenizer, "Answer:")
-    assert tokenizer.convert_ids_to_tokens(marker) == ["Answer", ":"]
-    variants = thinking_end_variants(tokenizer, "Answer:", marker)
-    assert [tokenizer.convert_ids_to_tokens(v) for v in variants] == [["ĠAnswer", ":"]]
-    assert thinking_end_variants(tokenizer, "\nAnswer:", [13, 5, 7]) == []  # its own leading whitespace decides
-    stream = tokenizer.encode("x x Answer: 7", add_special_tokens=False) + [tokenizer.eos_token_id]
-    assert tokenizer.convert_ids_to_tokens(stream[2:4]) == ["ĠAnswer", ":"]
+    assert tokenizer.convert_ids_to_tokens(thinking_end_ids(tokenizer, "Answer:")) == ["Answer", ":"]
+    stream = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert tokenizer.unk_token_id not in stream
+    closes = next(t for t in range(len(stream)) if "Answer:" in tokenizer.decode(stream[: t + 1]))
+    assert tokenizer.convert_ids_to_tokens(stream[closes - 1 : closes + 1]) == closing
 
     def bias(step):
         logits = torch.full((len(tokenizer),), -1e4)
@@ -431,21 +437,21 @@ def test_a_text_marker_after_a_space_closes_thinking():
     scripted.generation_config = model.generation_config
     decoding = Decoding(
         mixer="multiplex", width=3, mixer_params={"merge": "weighted"}, temperature=1.0, top_p=1.0, top_k=None,
-        min_p=None, thinking_end="Answer:", max_thinking_tokens=None, max_new_tokens=8,
+        min_p=None, thinking_end="Answer:", max_thinking_tokens=None, max_new_tokens=12,
     )  # fmt: skip
     (sample,) = decode_batch(scripted, tokenizer, [[{"role": "user", "content": "x"}]], decoding)
-    assert sample.closed and sample.text == "x x Answer: 7"
-    assert (sample.thinking, sample.answer) == ("x x", " 7")
-    assert sample.thinking_length == 3  # x, Ġx, ĠAnswer: the position that writes `:` closes thinking
+    assert sample.closed and sample.text == text
+    assert (sample.thinking, sample.answer) == (thinking, answer)
+    assert sample.thinking_length == closes  # the positions before the one that completes the marker
 
 
-def test_marker_variants_of_a_sentencepiece_tokenizer():
-    """Llama / Mistral style (Metaspace): "Answer:" alone encodes as `▁Answer` `:`, the form after a space, so the
-    variant is the form on a line of its own, `Answer` `:`, the one a prompt asking for an "Answer:" line gets."""
+def test_both_forms_of_a_text_marker_close_on_a_sentencepiece_tokenizer():
+    """Llama / Mistral style (Metaspace): "Answer:" alone encodes as `▁Answer` `:`, the form after a space; the form on
+    a line of its own, `Answer` `:` (what a prompt asking for an "Answer:" line gets), closes thinking too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from multiplex_trl.trainer import thinking_end_ids, thinking_end_variants
+    from multiplex_trl.markers import automaton_state, thinking_end_automaton, thinking_end_ids
 
     words = ["<pad>", "<eos>", "<unk>", "▁Answer", "Answer", ":", "▁", "▁x", "x", "\n"]
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -455,22 +461,14 @@ def test_marker_variants_of_a_sentencepiece_tokenizer():
     )
     tok.decoder = decoders.Metaspace(prepend_scheme="first")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("x\nAnswer:", add_special_tokens=False)) == [
-        "▁x", "\n", "Answer", ":",
-    ]  # fmt: skip
+    own_line = tokenizer.encode("x\nAnswer:", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(own_line) == ["▁x", "\n", "Answer", ":"]
     marker = thinking_end_ids(tokenizer, "Answer:")
     assert tokenizer.convert_ids_to_tokens(marker) == ["▁Answer", ":"]
-    variants = thinking_end_variants(tokenizer, "Answer:", marker)
-    assert [tokenizer.convert_ids_to_tokens(v) for v in variants] == [["Answer", ":"]]
-
-
-def test_thinking_ends_at_the_first_marker():
-    """The answer phase may write the marker again; the thinking/answer split is where the rollout closed thinking."""
-    assert inference._marker_end([1, 7, 8, 2, 7, 8, 3], [[7, 8]]) == 3
-    assert inference._marker_end([1, 7, 2], [[7, 8]]) is None
-    # with a variant (the marker after a space): whichever sequence the stream completes first
-    assert inference._marker_end([1, 9, 8, 2, 7, 8, 3], [[7, 8], [9, 8]]) == 3
-    assert inference._marker_end([8, 7, 8, 9, 8], [[7, 8], [9, 8]]) == 3
+    table = thinking_end_automaton(tokenizer, "Answer:", marker).tolist()
+    assert automaton_state(table, own_line)[1] == 4
+    assert automaton_state(table, tokenizer.encode("x Answer:", add_special_tokens=False))[1] == 3
+    assert automaton_state(table, tokenizer.encode("x Answer x:", add_special_tokens=False))[1] is None
 
 
 @pytest.mark.parametrize(

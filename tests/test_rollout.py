@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import RowScript, Scripted, Steered, generate_rollout, recompute
 
+from multiplex_trl.markers import marker_automaton
 from multiplex_trl.rollout import STATIC_STOP_CHECK_EVERY, multiplex_generate
 from multiplex_trl.testing import LoopOps, tiny_model, tiny_tokenizer
 
@@ -102,28 +103,49 @@ def test_multi_token_marker_is_matched_on_the_slot0_stream_of_branching_rows(tok
 
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
-def test_a_variant_of_the_marker_closes_thinking_as_the_marker_does(tok, model, cache_implementation):
-    """`thinking_end_variants` are other token sequences that write the marker (a text marker after a space): a row
-    whose slot-0 stream completes one closes thinking there, a longer one included, and a partial one does not."""
-    a, b, c, d, x = (_ids(tok, ch)[0] for ch in "abcdx")
-    streams = {  # the marker is [a, b]; the variants [c, b] and [d, c, b] (longer than the marker); rows end in order
-        0: [x, a, b, x, EOS],  # the marker itself
-        1: [x, c, b, x, EOS],  # closes with the short variant at step 2
-        2: [x, d, c, b, x, EOS],  # closes with the long variant at step 3 (its tail [c, b] is a variant too)
-        3: [x, d, x, b, c, x, EOS],  # no sequence completed: thinks to its end
+def test_the_text_matcher_closes_thinking_where_the_text_first_writes_the_marker(tok, model, cache_implementation):
+    """`thinking_end_automaton` (markers.py) closes thinking at the first slot-0 token whose text completes the marker,
+    whichever tokens wrote it: the marker's own tokens, the marker after a space, merged with the text after it, or
+    with a special token (no text) in between; a stream that never writes it thinks to its end."""
+    a, b, c, d, e, s, x = (_ids(tok, ch)[0] for ch in "abcdesx")
+    spelled = [b"?"] * len(tok)  # the text each token writes, for this test: the marker is "Ab:", its tokens [a, b]
+    for token, text in {a: b"A", b: b"b:", c: b" A", d: b"Ab", e: b":**", s: b"", x: b"x"}.items():
+        spelled[token] = text
+    streams = {  # rows end in order
+        0: [x, a, b, x, EOS],  # "xAb:": the marker's own tokens
+        1: [x, c, b, x, EOS],  # "x Ab:": after a space
+        2: [x, d, e, x, EOS],  # "xAb:**": its last token merged with the text after it
+        3: [x, a, s, b, x, EOS],  # "xAb:": a token with no text in between
+        4: [x, a, x, b, c, x, EOS],  # "xAxb: A": never written
     }
 
     def script(row, step):
         return streams[row][step] if step < len(streams[row]) else EOS
 
     r, _, _ = generate_rollout(
-        RowScript(model, len(tok), 4, script), tok, ["w", "x", "y", "z"], max_new_tokens=12,
-        thinking_end_ids=[a, b], thinking_end_variants=[[c, b], [d, c, b]], cache_implementation=cache_implementation,
+        RowScript(model, len(tok), 5, script), tok, list("vwxyz"), max_new_tokens=12, thinking_end_ids=[a, b],
+        thinking_end_automaton=marker_automaton(b"Ab:", spelled), cache_implementation=cache_implementation,
     )  # fmt: skip
-    assert r.lengths() == [5, 5, 6, 7]
-    assert r.closed.tolist() == [True, True, True, False]
-    assert r.thinking_mask.sum(-1).tolist() == [2, 2, 3, 6]  # positions before the sequence's last token
-    assert r.ids[1, 2].tolist() == [b, PAD, PAD] and r.ids[2, 3].tolist() == [b, PAD, PAD]
+    assert r.lengths() == [5, 5, 5, 6, 7]
+    assert r.closed.tolist() == [True, True, True, True, False]
+    assert r.thinking_mask.sum(-1).tolist() == [2, 2, 2, 3, 6]  # the positions before the one that completes it
+    for row, step, token in [(0, 2, b), (1, 2, b), (2, 2, e), (3, 3, b)]:
+        assert r.ids[row, step].tolist() == [token, PAD, PAD] and r.weights[row, step].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_ids_past_the_matchers_table_keep_its_state(tok, model):
+    """A model's vocabulary may be padded beyond the tokenizer's (the matcher's table): such an id writes no text, so
+    `A`, <padded id>, `b:` still writes the marker "Ab:"."""
+    a, b, x = (_ids(tok, ch)[0] for ch in "abx")
+    beyond = len(tok) - 1
+    spelled = [b"?"] * beyond
+    spelled[a], spelled[b], spelled[x] = b"A", b"b:", b"x"
+    stream = [x, a, beyond, b, x, EOS]
+    steered = Steered(model, _force(len(tok), lambda s: stream[min(s, len(stream) - 1)]))
+    r, _, _ = generate_rollout(
+        steered, tok, ["q"], thinking_end_ids=[a, b], thinking_end_automaton=marker_automaton(b"Ab:", spelled)
+    )
+    assert r.closed.tolist() == [True] and r.thinking_mask[0].tolist() == [True] * 3 + [False] * 3
 
 
 def test_eos_in_slot0_while_thinking_ends_the_completion(tok, model):
@@ -342,10 +364,16 @@ def test_rollout_logprobs_match_recompute(tok, model, width, merge):
     assert (lp - r.logprobs).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("marker", ["</think>", "the answer"])
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
-def test_loop_cost_per_step_is_flat_in_batch_and_length_with_one_host_sync(tok, model, cache_implementation):
+def test_loop_cost_per_step_is_flat_in_batch_and_length_with_one_host_sync(tok, model, cache_implementation, marker):
     """The issue's target: no Python-side cost that grows with batch or length, no host sync per step beyond the
-    end check. EOS is suppressed so every row runs `steps` positions; the counts are of the ops around the forward."""
+    end check. EOS is suppressed so every row runs `steps` positions; the counts are of the ops around the forward.
+    A one-token marker and a text marker (its matcher: one table lookup per step) alike."""
+    from multiplex_trl.markers import thinking_end_automaton, thinking_end_ids
+
+    ids = thinking_end_ids(tok, marker)
+    closing = {"thinking_end_ids": ids, "thinking_end_automaton": thinking_end_automaton(tok, marker, ids)}
     no_eos = torch.zeros(len(tok))
     no_eos[EOS] = -1e4
     counts = {}
@@ -355,7 +383,7 @@ def test_loop_cost_per_step_is_flat_in_batch_and_length_with_one_host_sync(tok, 
             with LoopOps(steered) as loop:
                 r, _, _ = generate_rollout(
                     steered, tok, ["q" * (i % 3 + 1) for i in range(batch)], max_new_tokens=steps,
-                    cache_implementation=cache_implementation,
+                    cache_implementation=cache_implementation, **closing,
                 )  # fmt: skip
             assert r.lengths() == [steps] * batch
             counts[batch, steps] = loop.around().total(), loop.syncs_around()

@@ -164,22 +164,28 @@ def test_the_configured_mixer_draws_the_slots_and_weights_the_logprobs(tmp_path,
     assert ((old - summed)[think].abs() > 1e-2).all()  # the two rules differ at every thinking position
 
 
-def test_the_rollout_closes_thinking_on_the_markers_variants(tmp_path, monkeypatch):
-    """The trainer's rollout gets the other token sequences of a text marker (`ĠAnswer` `:` after a space), which the
-    rewards read as the marker too."""
+def test_the_rollout_closes_thinking_where_the_text_writes_a_text_marker(tmp_path, monkeypatch):
+    """The trainer's rollout gets the text matcher of a multi-token marker: it accepts every token sequence the
+    rewards read as the marker (`ĠAnswer` `:` after a space, `Answer` `:**` in bold), and no other."""
     from conftest import byte_level_tokenizer
+
+    from multiplex_trl.markers import automaton_state
 
     tokenizer = byte_level_tokenizer()
     seen, generate = [], trainer_module.multiplex_generate
 
     def recording(*args, **kwargs):
-        seen.append(kwargs["thinking_end_variants"])
+        seen.append(kwargs["thinking_end_automaton"])
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "multiplex_generate", recording)
     tr = _trainer(tokenizer, tiny_model(tokenizer), _args(tmp_path, thinking_end="Answer:"))
     tr._generate_and_score_completions([{"prompt": [{"role": "user", "content": "x"}]}] * 4)
-    assert seen == [[tokenizer.convert_tokens_to_ids(["ĠAnswer", ":"])]]
+    (table,) = seen
+    for text, closes in [("x Answer: 7", 3), ("x\nAnswer:", 4), ("**Answer:** 7", 3), ("Answer x:", None)]:
+        stream = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.unk_token_id not in stream
+        assert automaton_state(table.tolist(), stream)[1] == closes, text
 
 
 @pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)

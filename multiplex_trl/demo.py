@@ -25,12 +25,23 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes/SmolLM2-135M-Instruct
 HELD_OUT = 4  # problems shown before and after training
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 used to fall back to the recipe's value unannounced)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m multiplex_trl.demo", description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default=str(RECIPE), help="the demo recipe (YAML)")
     p.add_argument("--output", default="outputs/demo", help="where runs, report.md and training.png go")
-    p.add_argument("--width", type=int, default=None, help="override multiplex_width of the recipe")
-    p.add_argument("--max_steps", type=int, default=None, help="override max_steps of the recipe")
+    p.add_argument("--width", type=positive_int, default=None, help="override multiplex_width of the recipe")
+    p.add_argument("--max_steps", type=positive_int, default=None, help="override max_steps of the recipe")
     p.add_argument("--compare", action="store_true", help="run width 1 and width 3 from the same seed, one chart")
     return p.parse_args(argv)
 
@@ -204,7 +215,7 @@ def main(argv=None) -> int:
     runs = {}
     for width in widths:
         overrides = {"multiplex_width": width}
-        if args.max_steps:
+        if args.max_steps is not None:
             overrides["max_steps"] = args.max_steps
         name = "discrete (K=1)" if width == 1 else f"multiplex (K={width})"
         print(f"\n== Training {name}", flush=True)

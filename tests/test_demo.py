@@ -23,6 +23,16 @@ def test_missing_recipe_is_refused(capsys):
     assert "recipe /nonexistent/recipe.yaml not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value", [("--max_steps", "0"), ("--width", "-1"), ("--max_steps", "two")])
+def test_a_count_below_one_is_refused_before_anything_loads(monkeypatch, capsys, flag, value):
+    """`--max_steps 0` used to fall back to the recipe's 30 steps unannounced."""
+    monkeypatch.setattr(models, "prepare_demo_model", lambda: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as info:
+        demo.main([flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: must be a whole number >= 1, got '{value}'" in capsys.readouterr().err
+
+
 def test_failed_run_leaves_no_report_of_the_previous_run(monkeypatch, tmp_path, capsys):
     (tmp_path / "report.md").write_text("# last run's report\n")
     (tmp_path / "training.png").write_bytes(b"\x89PNG last run's chart")

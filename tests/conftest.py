@@ -194,3 +194,31 @@ def byte_level_tokenizer():
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
     tokenizer.chat_template = CHAT_TEMPLATE.replace("<think>", "")
     return tokenizer
+
+
+def check_text_marker_closes_where_written(tok, device, cache_implementation=None):
+    """Rollouts on `device` steered to write `a`/`b` at random, with the text marker "ab" (`thinking_end_automaton`,
+    its table given on `device` and narrower than the vocabulary, as for a model whose vocabulary is padded beyond
+    the tokenizer's: ids past it write nothing): each row closes thinking at the first position whose slot-0 text
+    contains the marker, and a row whose text never has it does not close."""
+    from multiplex_trl.markers import thinking_end_automaton, thinking_end_ids
+
+    ids, width = thinking_end_ids(tok, "ab"), len(tok) - 20
+    table = thinking_end_automaton(tok, "ab", ids)[:, :width].to(device)
+    bias = torch.zeros(len(tok), device=device)
+    bias[ids] = 6.0
+    r, _, _ = generate_rollout(
+        Steered(tiny_model(tok).to(device).eval(), lambda step: bias), tok, ["q", "a question", "x", "why?"] * 4,
+        device=device, thinking_end_ids=ids, thinking_end_automaton=table, max_new_tokens=12,
+        cache_implementation=cache_implementation,
+    )  # fmt: skip
+    closed = 0
+    for row, length in enumerate(r.lengths()):
+        stream = r.ids[row, :length, 0].tolist()
+        text = [tok.decode([t for t in stream[:e] if t < width]) for e in range(1, length + 1)]
+        written = next((e for e in range(1, length + 1) if "ab" in text[e - 1]), None)
+        assert bool(r.closed[row]) == (written is not None), stream
+        if written is not None:
+            assert r.thinking_mask[row, : written - 1].all() and not r.thinking_mask[row, written - 1 :].any()
+            closed += 1
+    assert 0 < closed < len(r.lengths()), closed  # both outcomes

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import generate_rollout, recompute
+from conftest import check_text_marker_closes_where_written, generate_rollout, recompute
 
 from multiplex_trl.static_decode import compiled_decode_step
 from multiplex_trl.testing import tiny_model
@@ -47,6 +47,12 @@ def test_cuda_scoring_equals_cpu_scoring_with_gradients(tok):
     torch.testing.assert_close(ent_gpu, ent_cpu, atol=1e-4, rtol=1e-4)
     for name, grad in grads_cpu.items():
         torch.testing.assert_close(grads_gpu[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_a_text_marker_closes_where_its_text_is_first_written_on_cuda(tok, cache_implementation):
+    """The text marker's table lookup on the device (the table given on CUDA, narrower than the vocabulary)."""
+    check_text_marker_closes_where_written(tok, "cuda", cache_implementation)
 
 
 def test_bf16_recompute_is_close_to_rollout(tok):

@@ -1,6 +1,13 @@
 import pytest
 import torch
-from conftest import RowScript, Scripted, Steered, generate_rollout, recompute
+from conftest import (
+    RowScript,
+    Scripted,
+    Steered,
+    check_text_marker_closes_where_written,
+    generate_rollout,
+    recompute,
+)
 
 from multiplex_trl.markers import marker_automaton
 from multiplex_trl.rollout import STATIC_STOP_CHECK_EVERY, multiplex_generate
@@ -146,6 +153,12 @@ def test_ids_past_the_matchers_table_keep_its_state(tok, model):
         steered, tok, ["q"], thinking_end_ids=[a, b], thinking_end_automaton=marker_automaton(b"Ab:", spelled)
     )
     assert r.closed.tolist() == [True] and r.thinking_mask[0].tolist() == [True] * 3 + [False] * 3
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_a_text_marker_closes_where_its_text_is_first_written(tok, cache_implementation):
+    """On the model's own (steered) draws; tests/test_gpu.py runs the same check on CUDA."""
+    check_text_marker_closes_where_written(tok, "cpu", cache_implementation)
 
 
 def test_eos_in_slot0_while_thinking_ends_the_completion(tok, model):

@@ -49,10 +49,34 @@ def check_prompts_open_thinking(tokenizer, prompt_ids, marker: str, marker_ids: 
             )
 
 
-def marker_automaton(marker: bytes, token_bytes: list[bytes]) -> torch.LongTensor:
+def _read(step: torch.LongTensor, states: torch.LongTensor, token_bytes: list[bytes]) -> torch.LongTensor:
+    """Run the byte matcher `step` over every token's bytes from the states `states` [R, V]: the states after them."""
+    # Longest tokens first, so that the tokens still being read at byte i are the first ones; the bytes are read from
+    # one flat buffer (a padded [V, longest] matrix would take V x longest x 8 bytes: gigabytes for one long token).
+    order = sorted(range(len(token_bytes)), key=lambda t: -len(token_bytes[t]))
+    lengths = torch.tensor([len(token_bytes[t]) for t in order], dtype=torch.long)
+    flat = b"".join(token_bytes[t] for t in order)
+    flat = torch.frombuffer(bytearray(flat), dtype=torch.uint8).long() if flat else torch.zeros(0, dtype=torch.long)
+    starts = lengths.cumsum(0) - lengths
+    states = states[:, order]
+    for i in range(int(lengths[0]) if order else 0):
+        n = int((lengths > i).sum())
+        states[:, :n] = step[states[:, :n], flat[starts[:n] + i]]
+    out = torch.empty_like(states)
+    out[:, order] = states
+    return out
+
+
+def marker_automaton(
+    marker: bytes, token_bytes: list[bytes], first_bytes: list[bytes] | None = None
+) -> torch.LongTensor:
     """Next-state table [S + 1, V] of a matcher for `marker` (S bytes) in a stream of tokens whose bytes are
     `token_bytes`: state q < S is the longest prefix of the marker the text ends with, S means the text contains it.
-    `table[q, t]` is the state after token t from state q (S stays S); a token with no bytes keeps the state."""
+    `table[q, t]` is the state after token t from state q (S stays S); a token with no bytes keeps the state.
+
+    `first_bytes`: the bytes each token writes as the first token of the text (a SentencePiece decoder drops the
+    leading space of `▁Answer` there). When they lead elsewhere than `token_bytes` from the start, the table gets a
+    start row: [S + 2, V], row 0 before any text is written (a token with no bytes stays there), row 1 + q for q."""
     size = len(marker)
     if not size:
         raise ValueError("The end-of-thinking marker must be a non-empty string.")
@@ -64,20 +88,16 @@ def marker_automaton(marker: bytes, token_bytes: list[bytes]) -> torch.LongTenso
         for b in set(marker):
             text = marker[:q] + bytes([b])
             step[q, b] = next(k for k in range(q + 1, -1, -1) if text.endswith(marker[:k]))
-    # Every token from every state at once, its bytes in turn; longest tokens first, so that the tokens still being
-    # read at byte i are the first ones.
-    order = sorted(range(len(token_bytes)), key=lambda t: -len(token_bytes[t]))
-    longest = len(token_bytes[order[0]]) if order else 0
-    data = b"".join(token_bytes[t].ljust(longest, b"\0") for t in order)
-    padded = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(len(order), longest).long()
-    lengths = torch.tensor([len(token_bytes[t]) for t in order], dtype=torch.long)
-    states = torch.arange(size + 1).unsqueeze(-1).repeat(1, len(order))  # [S + 1, V] in `order`
-    for i in range(longest):
-        n = int((lengths > i).sum())
-        states[:, :n] = step[states[:, :n], padded[:n, i]]
-    table = torch.empty_like(states)
-    table[:, order] = states
-    return table
+    vocab = len(token_bytes)
+    table = _read(step, torch.arange(size + 1).unsqueeze(-1).repeat(1, vocab), token_bytes)
+    if first_bytes is None:
+        return table
+    first = _read(step, torch.zeros(1, vocab, dtype=torch.long), first_bytes)[0]
+    writes = torch.tensor([len(b) > 0 for b in token_bytes], dtype=torch.bool)
+    if bool((first[writes] == table[0, writes]).all()):
+        return table  # the first token reads as any other: no start row
+    start = torch.where(writes, first + 1, 0)
+    return torch.cat([start.unsqueeze(0), table + 1])
 
 
 def token_automaton(ids: list[int], vocab: int) -> torch.LongTensor:
@@ -118,11 +138,14 @@ BYTE_LEVEL = _byte_level_alphabet()
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
+def token_bytes(tokenizer: PreTrainedTokenizerBase, first: bool = False) -> list[bytes]:
     """The bytes each token adds to the decoded text, as the rewards read it (`skip_special_tokens=True`): decoded
-    after a plain token, so that a SentencePiece word keeps its leading space. A token that is part of a character
-    (decoded as U+FFFD) gives its raw bytes when its vocabulary entry spells them (byte-level BPE, `<0x..>`)."""
-    anchor = tokenizer.encode("x", add_special_tokens=False)[-1:]
+    after a plain token, so that a SentencePiece word keeps its leading space (`first`: decoded alone, as the first
+    token of the text). A token that is part of a character (decoded as U+FFFD) gives its raw bytes when its
+    vocabulary entry spells them (byte-level BPE, `<0x..>`)."""
+    # The anchor: a plain token that decodes to text ("x" may be unknown to a small vocabulary: <unk>, skipped)
+    plain = ([i] for text in ("x", "a", "0", ".") for i in tokenizer.encode(text, add_special_tokens=False)[-1:])
+    anchor = [] if first else next((a for a in plain if tokenizer.decode(a, skip_special_tokens=True)), [])
     head = tokenizer.decode(anchor, skip_special_tokens=True)
     vocab = len(tokenizer)
     pairs = tokenizer.batch_decode([anchor + [t] for t in range(vocab)], skip_special_tokens=True)
@@ -147,7 +170,11 @@ def thinking_end_automaton(tokenizer: PreTrainedTokenizerBase, marker: str, ids:
     None for a one-token marker, which closes on that token alone (METHOD.md's rule)."""
     if len(ids) == 1:
         return None
-    table = marker_automaton(marker.encode("utf-8"), token_bytes(tokenizer))
+    # The completion's first token reads without the leading space a SentencePiece (or WordPiece) decoder strips
+    # there: a marker that starts with a space is not written by `▁Answer` `:` at the start of the completion. Only
+    # such a marker can tell the first token from the others, so only it pays for decoding every token alone.
+    first = token_bytes(tokenizer, first=True) if marker[:1].isspace() else None
+    table = marker_automaton(marker.encode("utf-8"), token_bytes(tokenizer), first)
     state, end = automaton_state(table.tolist(), ids)
     if end != len(ids):  # the marker's own tokens, read one by one, must write it with their last token
         raise ValueError(

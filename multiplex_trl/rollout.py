@@ -152,8 +152,9 @@ def multiplex_generate(
     )
     cache = out.past_key_values
     filtered, full_logprobs = prepare_logits(out.logits[:, -1], **sampling)
-    # A marker of several tokens: a matcher over the slot-0 stream, its next-state table [S + 1, V] flattened
-    # (state S: the marker is written). Ids past the table (a vocabulary padded beyond the tokenizer's) keep the state.
+    # A marker of several tokens: a matcher over the slot-0 stream, its next-state table [states, V] flattened
+    # (the last state: the marker is written). Ids past the table (a vocabulary padded beyond the tokenizer's) keep
+    # the state.
     table, vocab = None, full_logprobs.size(-1)
     if marker.numel() > 1:
         table = (

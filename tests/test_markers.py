@@ -182,3 +182,52 @@ def test_a_marker_its_own_tokens_do_not_write_is_refused(monkeypatch):
     monkeypatch.setattr(markers, "token_bytes", lambda tokenizer: spelled)
     with pytest.raises(ValueError, match=r"^thinking_end='Answer:': its tokens .* decoded one by one do not write it"):
         thinking_end_automaton(tokenizer, "Answer:", ids)
+
+
+def legacy_sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama-2 / Mistral v0.1 style: `▁` prepended by the normalizer, decoded with the first space stripped."""
+    from tokenizers import normalizers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<eos>", "<unk>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>"]})
+    return tokenizer
+
+
+def test_a_marker_with_a_leading_space_is_not_written_by_the_completions_first_token():
+    """A SentencePiece decoder drops the leading space of the completion's first token: `▁Answer` `:` there reads
+    'Answer:', which does not contain ' Answer:'; after other text it does."""
+    tokenizer = legacy_sentencepiece_tokenizer()
+    marker = " Answer:"
+    ids = thinking_end_ids(tokenizer, marker)
+    rows = thinking_end_automaton(tokenizer, marker, ids).tolist()
+    first = tokenizer.encode("Answer: 7", add_special_tokens=False)
+    later = tokenizer.encode("so Answer: 7", add_special_tokens=False)
+    assert automaton_state(rows, first)[1] is first_written(tokenizer, first, marker) is None
+    assert automaton_state(rows, later)[1] == first_written(tokenizer, later, marker) is not None
+    rng = random.Random(marker)
+    for _ in range(150):
+        stream = random_stream(tokenizer, marker, rng)
+        assert automaton_state(rows, stream)[1] == first_written(tokenizer, stream, marker)
+
+
+def test_token_bytes_anchor_on_a_vocabulary_without_x():
+    """The anchor token is plain text even where 'x' is unknown (<unk>, skipped as special): words keep their space."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"])
+    tok.train_from_iterator(["the answer is 7, then the answer is 9"] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    ids = thinking_end_ids(tokenizer, "the answer is")
+    assert thinking_end_automaton(tokenizer, "the answer is", ids) is not None
+
+
+def test_marker_automaton_reads_a_very_long_token():
+    table = marker_automaton(b"ab", [b"x" * 5000 + b"a", b"b", b"ab" + b"y" * 3000, b""] * 2000)
+    assert table[:, :4].tolist() == [[1, 0, 2, 0], [1, 2, 2, 1], [2, 2, 2, 2]]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -273,9 +274,8 @@ def decode_batch(
     input_ids, attention_mask = encode_prompts(tokenizer, conversations, device)
     prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
     try:
-        marker = thinking_end_ids(tokenizer, decoding.thinking_end)
+        marker, automaton = closing_rule(tokenizer, decoding.thinking_end)
         check_prompts_open_thinking(tokenizer, prompts, decoding.thinking_end, marker)
-        automaton = thinking_end_automaton(tokenizer, decoding.thinking_end, marker)
     except ValueError as error:  # the CLIs print it in one line
         raise UsageError(str(error)) from None
     with global_rng_from(generator):
@@ -324,6 +324,14 @@ def decode_batch(
             )
         )
     return samples
+
+
+@functools.lru_cache(maxsize=8)
+def closing_rule(tokenizer, marker: str) -> tuple[list[int], torch.Tensor | None]:
+    """The marker's token ids and its text matcher (`markers.thinking_end_automaton`), built once per tokenizer and
+    marker: generate and eval decode batch after batch, and the matcher reads the whole vocabulary."""
+    ids = thinking_end_ids(tokenizer, marker)
+    return ids, thinking_end_automaton(tokenizer, marker, ids)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:

@@ -49,6 +49,19 @@ def check_prompts_open_thinking(tokenizer, prompt_ids, marker: str, marker_ids: 
             )
 
 
+def _prefix_step(marker: list[int], symbols: int) -> torch.LongTensor:
+    """The matcher one symbol at a time (Knuth-Morris-Pratt): step[q, c] [S + 1, symbols] is the longest prefix of
+    `marker` that marker[:q] + [c] ends with; a symbol not in the marker goes back to the start, S stays S."""
+    size = len(marker)
+    step = torch.zeros(size + 1, symbols, dtype=torch.long)
+    step[size] = size
+    for q in range(size):
+        for c in set(marker):
+            seq = [*marker[:q], c]
+            step[q, c] = next(k for k in range(q + 1, -1, -1) if seq[len(seq) - k :] == marker[:k])
+    return step
+
+
 def _read(step: torch.LongTensor, states: torch.LongTensor, token_bytes: list[bytes]) -> torch.LongTensor:
     """Run the byte matcher `step` over every token's bytes from the states `states` [R, V]: the states after them."""
     # Longest tokens first, so that the tokens still being read at byte i are the first ones; the bytes are read from
@@ -80,14 +93,7 @@ def marker_automaton(
     size = len(marker)
     if not size:
         raise ValueError("The end-of-thinking marker must be a non-empty string.")
-    # One byte at a time (Knuth-Morris-Pratt): step[q, b] is the longest prefix of the marker that marker[:q] + b
-    # ends with; a byte not in the marker goes back to the start.
-    step = torch.zeros(size + 1, 256, dtype=torch.long)
-    step[size] = size
-    for q in range(size):
-        for b in set(marker):
-            text = marker[:q] + bytes([b])
-            step[q, b] = next(k for k in range(q + 1, -1, -1) if text.endswith(marker[:k]))
+    step = _prefix_step(list(marker), 256)  # one byte at a time
     vocab = len(token_bytes)
     table = _read(step, torch.arange(size + 1).unsqueeze(-1).repeat(1, vocab), token_bytes)
     if first_bytes is None:
@@ -103,14 +109,10 @@ def marker_automaton(
 def token_automaton(ids: list[int], vocab: int) -> torch.LongTensor:
     """`marker_automaton` for a marker given as token ids: the table [L + 1, vocab] matching that token sequence
     exactly (any other token goes back to the start)."""
-    size = len(ids)
-    table = torch.zeros(size + 1, vocab, dtype=torch.long)
-    table[size] = size
-    for q in range(size):
-        for token in set(ids):
-            seq = [*ids[:q], token]
-            table[q, token] = next(k for k in range(q + 1, -1, -1) if seq[len(seq) - k :] == ids[:k])
-    return table
+    codes = {token: code for code, token in enumerate(dict.fromkeys(ids), start=1)}  # 0: any other token
+    symbol = torch.zeros(vocab, dtype=torch.long)
+    symbol[list(codes)] = torch.tensor(list(codes.values()))
+    return _prefix_step([codes[t] for t in ids], len(codes) + 1)[:, symbol]
 
 
 def automaton_state(table, tokens: list[int], state: int = 0) -> tuple[int, int | None]:

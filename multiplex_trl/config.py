@@ -37,8 +37,9 @@ class MultiplexGRPOConfig(GRPOConfig):
     thinking_end: str = field(
         default="</think>",
         metadata={
-            "help": "End-of-thinking marker. Thinking ends at the first position whose slot-0 draw completes it. "
-            "One token for reasoning models; a token sequence otherwise."
+            "help": "End-of-thinking marker. One token for reasoning models: thinking ends when slot 0 draws it. A "
+            "text marker of several tokens ends thinking at the first slot-0 token after which the decoded text "
+            "contains it, whichever tokens wrote it."
         },
     )
     max_thinking_tokens: int | None = field(

@@ -1,4 +1,4 @@
-"""Pass@1 and Pass@k evaluation with multiplex (or discrete, K=1) decoding and the other mixers (METHOD.md 7-8).
+"""Pass@1 and Pass@k evaluation with multiplex (or discrete, K=1) decoding and the other mixers (README: Evaluation).
 
     multiplex-trl eval --model PATH --dataset math500 --n 64 --k 1,2,4,...,64 --width 1 --width 3 --output DIR
     multiplex-trl eval --model PATH --dataset math500 --mixer multiplex --mixer soft --mixer gumbel --width 3 ...

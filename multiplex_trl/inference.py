@@ -96,7 +96,7 @@ def check_mixer_params(params: dict, mixers) -> None:
 
 @dataclass
 class Decoding:
-    """The settings of one decode (METHOD.md sections 1-2 and 8): a mixer at width K, the filters, the budget."""
+    """The settings of one decode (README: Inference, Token mixers): a mixer at width K, the filters, the budget."""
 
     mixer: str
     width: int

@@ -1,4 +1,4 @@
-"""The factorised log-probability of a multiplex trajectory, recomputed by one teacher-forced pass (METHOD.md 4).
+"""The factorised log-probability of a multiplex trajectory, recomputed by one teacher-forced pass (README: The method in one screen).
 
     log pi(c) = sum_i sum_j log pi(k_ij | ctx_<i)   (thinking positions, all K slots)
               + sum_i log pi(y_i | ctx_<i)         (answer positions, slot 0)

@@ -1,7 +1,7 @@
 """The end-of-thinking marker: its token ids, and where a rollout's slot-0 stream writes it.
 
 A marker that is one token (`</think>` in reasoning tokenizers) closes thinking when slot 0 draws that token
-(METHOD.md section 1). A text marker that takes several tokens ("Answer:" for a chat model without a thinking token)
+(the method's stop rule, README: The method in one screen). A text marker that takes several tokens ("Answer:" for a chat model without a thinking token)
 can be written by many token sequences: `Answer` `:` on a line of its own, `ĠAnswer` `:` after a space, `Answer`
 `:**` in "**Answer:**". The rewards find the marker in the decoded text whichever tokens wrote it, so the rollout
 closes thinking at the first token whose text completes the marker: `thinking_end_automaton` is that rule as a
@@ -169,7 +169,7 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, first: bool = False) -> list
 def thinking_end_automaton(tokenizer: PreTrainedTokenizerBase, marker: str, ids: list[int]) -> torch.LongTensor | None:
     """The rollout's closing rule for a text marker of several tokens (`marker_automaton` over this tokenizer's
     tokens): thinking closes at the first slot-0 token whose text completes the marker, whichever tokens wrote it.
-    None for a one-token marker, which closes on that token alone (METHOD.md's rule)."""
+    None for a one-token marker, which closes on that token alone (the method's stop rule)."""
     if len(ids) == 1:
         return None
     # The completion's first token reads without the leading space a SentencePiece (or WordPiece) decoder strips

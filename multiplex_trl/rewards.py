@@ -1,6 +1,7 @@
 """Reward functions with TRL's signature `fn(completions, **kwargs) -> list[float | None]`, and their registry.
 
-Rewards grade the answer phase: the text after the end-of-thinking marker (the whole text when the marker is absent).
+Rewards grade the answer phase: the text after the end-of-thinking marker; a completion that never closed thinking
+scores 0.
 Dataset columns arrive as keyword lists: `answer` for every dataset, `task` and `rg_entry` for reasoning_gym ones.
 """
 
@@ -32,7 +33,7 @@ def set_thinking_end(marker: str) -> None:
 def extract_answer(text: str, thinking_end: str | None = None) -> str:
     """The answer phase of a completion: the text after the first end-of-thinking marker, or all of it if absent."""
     marker = thinking_end or THINKING_END
-    # Thinking stops at the first marker (METHOD.md section 1), so everything after it is the answer phase.
+    # Thinking stops at the first marker (the method's stop rule), so everything after it is the answer phase.
     _, found, after = text.partition(marker)
     return after if found else text
 

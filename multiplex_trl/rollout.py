@@ -21,7 +21,7 @@ STATIC_STOP_CHECK_EVERY = 8
 
 @dataclass
 class MultiplexRollout:
-    """What a rollout stores for every completion position t (METHOD.md section 3)."""
+    """What a rollout stores for every completion position t (README: The method in one screen)."""
 
     ids: torch.LongTensor  # [B, T, K] slot ids; one-hot positions are [tok, pad, ...]
     weights: torch.FloatTensor  # [B, T, K] merge weights; one-hot positions are [1, 0, ...]

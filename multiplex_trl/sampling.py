@@ -1,5 +1,5 @@
 """One thinking step: filter the policy, draw K slots with a mixer, merge their embeddings, decode the next position
-(METHOD.md 1)."""
+(README: The method in one screen)."""
 
 from __future__ import annotations
 

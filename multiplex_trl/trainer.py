@@ -1,10 +1,13 @@
 """MultiplexGRPOTrainer: TRL's GRPOTrainer with the multiplex rollout and the factorised log-prob wired in.
 
-Four hooks are overridden; everything else (rewards, advantages, every loss type, KL, clipping, logging) is TRL's:
+Six hooks are overridden (`OVERRIDDEN_HOOKS`); everything else (rewards, advantages, every loss type, KL, clipping,
+logging) is TRL's:
 - `_generate_single_turn`: runs `multiplex_generate` and keeps the slots of this generation batch;
 - `_generate`: marks budget-forced marker tokens as not-from-the-policy (TRL's `tool_mask`), so they get no loss;
 - `_generate_and_score_completions`: adds the slots to the batch TRL shuffles and splits, logs multiplex metrics;
-- `_get_per_token_logps_and_entropies`: scores the slots with `multiplex_logprobs` (policy, old policy, reference).
+- `_get_per_token_logps_and_entropies`: scores the slots with `multiplex_logprobs` (policy, old policy, reference);
+- `_compute_loss`: hands the batch's slots to that scoring pass, and refuses a non-finite loss before backward;
+- `_calculate_rewards`: stops the run when every reward is None (nothing to learn from).
 """
 
 from __future__ import annotations

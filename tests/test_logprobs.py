@@ -379,7 +379,7 @@ def test_slot0_targets_reach_the_kernel_as_trls_triton_kernel_reads_them(tok, mo
 
 
 def test_entropy_is_the_policys_at_every_position_not_the_joint_of_the_k_draws(tok, model):
-    """METHOD.md 5: the entropy TRL logs (and masks by, top_entropy_quantile) is H(pi) at each completion position, a
+    """The entropy TRL logs (and masks by, top_entropy_quantile) is H(pi) at each completion position, a
     thinking position included: one distribution scores all K draws, so it is not their joint entropy K * H(pi)."""
     input_ids, mask, ids, weights, completion_mask, thinking_mask = _stored_slots(tok, 3)
     with torch.no_grad():

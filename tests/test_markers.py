@@ -131,7 +131,7 @@ def test_the_rewards_marker_spellings_close_thinking_on_a_byte_level_tokenizer()
 
 
 def test_a_one_token_marker_keeps_the_token_rule(tok):
-    """`</think>` as one token closes on that token alone (METHOD.md): no text matcher."""
+    """`</think>` as one token closes on that token alone (the method's stop rule): no text matcher."""
     assert thinking_end_automaton(tok, "</think>", thinking_end_ids(tok, "</think>")) is None
 
 

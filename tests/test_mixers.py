@@ -202,7 +202,7 @@ def test_adding_a_mixer_is_one_subclass(tok, model):
 @pytest.mark.parametrize("top_k", [None, 3], ids=["unfiltered", "top_k=3"])
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_answer_phase_samples_the_policy_for_every_mixer(tok, model, name, top_k):
-    """METHOD.md 2: after the marker decoding is ordinary sampling of the filtered policy, whatever the thinking
+    """The method's answer phase: after the marker decoding is ordinary sampling of the filtered policy, whatever the thinking
     phase's mixer, and the stored log-prob is the full temperature softmax's, as the trainer recomputes it. Top-k
     mixers (soft, gumbel, dirichlet) used to take their slot 0 there: greedy, or never a token outside the top K."""
     marker = tok.convert_tokens_to_ids("</think>")

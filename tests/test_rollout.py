@@ -238,7 +238,7 @@ def test_positions_beyond_the_models_limit_are_refused(tok, cache_implementation
 
 
 def test_stored_logprob_is_the_log_probability_of_sampling_the_stored_trajectory(tok):
-    """METHOD.md: the trajectory's log-probability factorises over the K draws. End to end over whole rollouts (the
+    """The method: the trajectory's log-probability factorises over the K draws. End to end over whole rollouts (the
     slot-0 stop rule, EOS during thinking, a budget-forced marker, the answer phase): the frequency of every stored
     trajectory (its ids, slots and phases) matches exp(sum of its stored log-probs over sampled positions).
 

@@ -23,7 +23,7 @@ class Mixer:
     why_not_trainable: ClassVar[str] = ""
     # Whether slot 0 is an exact draw from the filtered policy. When it is not (the top-k mixers: soft, gumbel,
     # dirichlet), the rollout draws each answer-phase token on its own, so decoding after the marker is ordinary
-    # sampling (METHOD.md 2) and a trained answer token's stored log-prob is that of a token the policy drew.
+    # sampling (the method's answer phase) and a trained answer token's stored log-prob is that of a token the policy drew.
     slot0_is_draw: ClassVar[bool] = False
     # Soft Thinking's "cold stop": force the marker after `cold_stop_steps` positions with entropy below this.
     cold_stop_entropy: float | None = None

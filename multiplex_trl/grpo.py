@@ -24,7 +24,7 @@ from . import hub
 from .config import MultiplexGRPOConfig
 from .data import load_prompts
 from .inference import find_model
-from .markers import thinking_end_automaton, thinking_end_ids
+from .markers import closing_rule
 from .rewards import check_reward_columns, get_reward_funcs
 from .trainer import MultiplexGRPOTrainer
 
@@ -250,8 +250,9 @@ def main(argv: list[str] | None = None) -> str:
         padding_side="left",
     )
     try:
-        marker = training_args.thinking_end  # the trainer checks it too: here it is one line, before the model loads
-        thinking_end_automaton(tokenizer, marker, thinking_end_ids(tokenizer, marker))
+        closing_rule(
+            tokenizer, training_args.thinking_end
+        )  # the trainer reuses it; here it is one line, before the load
     except ValueError as error:
         raise ConfigError(str(error)) from error
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import re
 import sys
@@ -27,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .config import MultiplexGRPOConfig
 from .hub import hub_offline, load_multiplex_settings
-from .markers import check_prompts_open_thinking, thinking_end_automaton, thinking_end_ids
+from .markers import check_prompts_open_thinking, closing_rule
 from .mixers import MIXERS, Mixer, get_mixer
 from .mixers.base import constructor_defaults
 from .models import DEMO_MODEL_ALIASES, resolve_model_name_or_path
@@ -324,14 +323,6 @@ def decode_batch(
             )
         )
     return samples
-
-
-@functools.lru_cache(maxsize=8)
-def closing_rule(tokenizer, marker: str) -> tuple[list[int], torch.Tensor | None]:
-    """The marker's token ids and its text matcher (`markers.thinking_end_automaton`), built once per tokenizer and
-    marker: generate and eval decode batch after batch, and the matcher reads the whole vocabulary."""
-    ids = thinking_end_ids(tokenizer, marker)
-    return ids, thinking_end_automaton(tokenizer, marker, ids)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:

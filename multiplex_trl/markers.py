@@ -10,6 +10,7 @@ next-state table over the marker's bytes, one lookup per step on the device.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -184,3 +185,12 @@ def thinking_end_automaton(tokenizer: PreTrainedTokenizerBase, marker: str, ids:
             "find it: set thinking_end to a marker the tokenizer writes token by token, e.g. '</think>'."
         )
     return table
+
+
+@functools.lru_cache(maxsize=8)
+def closing_rule(tokenizer: PreTrainedTokenizerBase, marker: str) -> tuple[list[int], torch.LongTensor | None]:
+    """The marker's token ids and its text matcher (`thinking_end_automaton`), built once per tokenizer and marker:
+    the script checks them before the model loads and the trainer reuses them, and generate and eval decode batch
+    after batch, while the matcher reads the whole vocabulary (seconds for a 150k one)."""
+    ids = thinking_end_ids(tokenizer, marker)
+    return ids, thinking_end_automaton(tokenizer, marker, ids)

@@ -25,7 +25,7 @@ from trl.trainer.utils import is_async_callable, pad
 
 from .config import MultiplexGRPOConfig
 from .logprobs import add_multiplex_head, multiplex_logprobs, router_aux_loss_function, unwrap_model
-from .markers import check_prompts_open_thinking, thinking_end_automaton, thinking_end_ids
+from .markers import check_prompts_open_thinking, closing_rule
 from .mixers import mixer_from_config
 from .rewards import set_thinking_end
 from .rollout import multiplex_generate
@@ -182,7 +182,8 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             )
         if not isinstance(tokenizer, PreTrainedTokenizerBase) and tokenizer is not None:
             tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        marker_ids = thinking_end_ids(tokenizer, args.thinking_end) if tokenizer is not None else None
+        if tokenizer is not None:  # the marker is checked before a model given as a path loads
+            closing_rule(tokenizer, args.thinking_end)
         set_thinking_end(args.thinking_end)  # the bundled rewards grade the text after this marker
 
         super().__init__(model, reward_funcs, args, **kwargs)
@@ -191,9 +192,8 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         self.mixer = mixer_from_config(args)
         for key, value in args.rollout_filters().items():  # generation_kwargs override the fields, as in TRL
             setattr(self, key, value)
-        self.thinking_end_ids = marker_ids or thinking_end_ids(self._tokenizer, args.thinking_end)
         # A text marker's matcher (None for one token), kept where the rollout runs: it is [marker bytes + 1, vocab].
-        table = thinking_end_automaton(self._tokenizer, args.thinking_end, self.thinking_end_ids)
+        self.thinking_end_ids, table = closing_rule(self._tokenizer, args.thinking_end)
         self.thinking_end_automaton = None if table is None else table.to(self.accelerator.device)
         if self.multiplex:
             if self.aux_loss_enabled and router_aux_loss_function(unwrap_model(self.model)) is None:

@@ -222,15 +222,15 @@ def test_every_mixer_generates_and_seed_reproduces(tok, model, name):
 def test_the_markers_matcher_is_built_once_for_all_batches(tok, model, monkeypatch):
     """generate/eval decode batch after batch; the text marker's matcher reads the whole vocabulary (seconds for a
     150k one), so it is built once per tokenizer and marker, not once per batch."""
-    from multiplex_trl import inference
+    from multiplex_trl import markers
 
-    built, build = [], inference.thinking_end_automaton
-    monkeypatch.setattr(inference, "thinking_end_automaton", lambda *a: built.append(a[1]) or build(*a))
-    inference.closing_rule.cache_clear()
+    built, build = [], markers.thinking_end_automaton
+    monkeypatch.setattr(markers, "thinking_end_automaton", lambda *a: built.append(a[1]) or build(*a))
+    markers.closing_rule.cache_clear()
     kwargs = {"tokenizer": tok, "width": 3, "max_new_tokens": 6, "thinking_end": "ab", "batch_size": 1}
     samples = generate(model, ["hi", "2+2?", "x"], num_samples=2, seed=0, **kwargs)
     assert sum(map(len, samples)) == 6 and built == ["ab"]
-    inference.closing_rule.cache_clear()
+    markers.closing_rule.cache_clear()
 
 
 def test_soft_is_deterministic_and_takes_its_paper_settings(tok, model, monkeypatch):

@@ -146,6 +146,11 @@ class MultiplexGRPOConfig(GRPOConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if self.max_completion_length is None and not self.use_vllm:  # the multiplex rollout decodes up to it
+            raise ValueError(
+                "max_completion_length=None leaves the multiplex rollout without a length limit: set it to an integer "
+                ">= 1 (thinking and answer together)."
+            )
         if self.temperature is None or self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (multiplex rollouts sample), got {self.temperature!r}.")
         budget = self.max_thinking_tokens

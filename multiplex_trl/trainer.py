@@ -64,32 +64,60 @@ def _pad_time(x: torch.Tensor, length: int, value) -> torch.Tensor:
 def guard_reward(func, policy: str):
     """Wrap a reward function so an exception names the function and the first failing sample.
 
-    policy 'raise' re-raises; 'none' scores the failing samples None (others keep their rewards).
+    policy 'raise' re-raises; 'none' scores the failing samples None (others keep their rewards). An async reward
+    function (TRL's `is_async_callable`) gets an async wrapper, so TRL still awaits it on its event loop.
     """
     name = getattr(func, "__name__", type(func).__name__)
+
+    def per_sample(completions, kwargs):
+        """(sample index, kwargs of that sample alone) for each sample of the batch."""
+        n = len(completions)
+        batched = {k for k, v in kwargs.items() if isinstance(v, list) and len(v) == n}
+        for i in range(n):
+            yield i, {k: (v[i : i + 1] if k in batched else v) for k, v in kwargs.items()}
+
+    def failed(i, error):  # a sample that raised alone: its reward under `policy`
+        if policy == "raise":
+            raise RuntimeError(
+                f"reward function '{name}' raised on sample {i} of the batch: {error!r}; fix the function, or set "
+                "reward_error='none' to score such samples None."
+            ) from error
+        return None
+
+    def batch_failed(batch_error, rewards):  # the batch call failed but every single call passed
+        if policy == "raise":
+            raise RuntimeError(f"reward function '{name}' raised on the batch: {batch_error!r}") from batch_error
+        return rewards
+
+    if is_async_callable(func):
+
+        @functools.wraps(func)
+        async def guarded_async(*args, completions, **kwargs):
+            try:
+                return await func(*args, completions=completions, **kwargs)
+            except Exception as batch_error:  # locate the sample by scoring one completion at a time
+                rewards = []
+                for i, one in per_sample(completions, kwargs):
+                    try:
+                        rewards.append((await func(*args, completions=completions[i : i + 1], **one))[0])
+                    except Exception as error:
+                        rewards.append(failed(i, error))
+                return batch_failed(batch_error, rewards)
+
+        return guarded_async
 
     @functools.wraps(func)
     def guarded(*args, completions, **kwargs):
         try:
             return func(*args, completions=completions, **kwargs)
         except Exception as batch_error:  # locate the sample by scoring one completion at a time
-            n = len(completions)
-            per_sample = {k: v for k, v in kwargs.items() if isinstance(v, list) and len(v) == n}
             rewards = []
-            for i in range(n):
-                one = {k: (v[i : i + 1] if k in per_sample else v) for k, v in kwargs.items()}
+            for i, one in per_sample(completions, kwargs):
                 try:
                     rewards.append(func(*args, completions=completions[i : i + 1], **one)[0])
                 except Exception as error:
-                    if policy == "raise":
-                        raise RuntimeError(
-                            f"reward function '{name}' raised on sample {i} of the batch: {error!r}; fix the "
-                            "function, or set reward_error='none' to score such samples None."
-                        ) from error
-                    rewards.append(None)
-            if policy == "raise":  # the batch call failed but every single call passed
-                raise RuntimeError(f"reward function '{name}' raised on the batch: {batch_error!r}") from batch_error
-            return rewards
+                    rewards.append(failed(i, error))
+            return batch_failed(batch_error, rewards)
 
     return guarded
 
@@ -215,9 +243,8 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             add_multiplex_head(unwrap_model(self.model))
             if self.ref_model is not None:
                 add_multiplex_head(unwrap_model(self.ref_model))
-        self.reward_funcs = [  # reward models and async functions keep TRL's own handling
-            f if isinstance(f, torch.nn.Module) or is_async_callable(f) else guard_reward(f, args.reward_error)
-            for f in self.reward_funcs
+        self.reward_funcs = [  # reward models keep TRL's own handling; async functions get an async guard
+            f if isinstance(f, torch.nn.Module) else guard_reward(f, args.reward_error) for f in self.reward_funcs
         ]
         self._sigterm = SaveOnSigterm()
         self.add_callback(self._sigterm)

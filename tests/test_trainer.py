@@ -1,5 +1,6 @@
 import copy
 import inspect
+import math
 
 import pytest
 import torch
@@ -545,3 +546,32 @@ def test_moe_whose_aux_loss_is_not_reproduced_is_refused(tmp_path, tok, monkeypa
     with pytest.raises(ValueError, match="the MoE router aux loss of Qwen3MoeForCausalLM .* router_aux_loss_coef=0"):
         _trainer(tok, tiny_moe_model(tok), _args(tmp_path))
     assert not _trainer(tok, tiny_moe_model(tok), _args(tmp_path, router_aux_loss_coef=0.0)).aux_loss_enabled
+
+
+async def async_flaky_reward(prompts, completions, **kwargs):
+    """An async reward (TRL awaits it on its event loop) that fails on the prompt '2+2?' (sample 2 of the batch)."""
+    return [1 / 0 if "2+2" in p[-1]["content"] else 1.0 for p in prompts]
+
+
+@pytest.mark.parametrize("policy", ["raise", "none"])
+def test_reward_error_applies_to_async_reward_functions(tmp_path, tok, policy):
+    """reward_error covers async reward functions too: 'none' scores the failing sample None (zero advantage) and
+    'raise' names the function and the sample (async functions bypassed the guard: the run died on the bare
+    ZeroDivisionError whatever reward_error said)."""
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path, reward_error=policy), reward_funcs=[async_flaky_reward])
+    inputs = [{"prompt": p} for p in _dataset(4)["prompt"]]
+    if policy == "raise":
+        with pytest.raises(RuntimeError, match=r"'async_flaky_reward' raised on sample 2 .*ZeroDivisionError"):
+            tr._generate_and_score_completions(inputs)
+        return
+    batch = tr._generate_and_score_completions(inputs)
+    assert batch["advantages"][2] == 0.0
+    logged = list(tr._logs["rewards"]["async_flaky_reward"])
+    assert math.isnan(logged[2]) and logged[:2] + logged[3:] == [1.0] * 3  # NaN for the failing sample only
+
+
+def test_unbounded_completion_length_is_refused_before_the_model_loads(tmp_path):
+    """max_completion_length=None (TRL accepts it) left the rollout without a bound: the first rollout died on a
+    TypeError (int + None) after the model had loaded. It is refused in one line naming the field."""
+    with pytest.raises(ValueError, match="max_completion_length=None .* set it to an integer >= 1"):
+        _args(tmp_path, max_completion_length=None, max_thinking_tokens=None)

@@ -173,7 +173,9 @@ def multiplex_generate(
         if may_force:  # budget reached, or confident for long enough (cold stop): force the marker from here on
             stop = thought >= max_thinking_tokens if max_thinking_tokens is not None else torch.zeros_like(thinking)
             if cold_stop is not None:
-                entropy = torch.special.entr(filtered.softmax(-1)).sum(-1)
+                # The policy's entropy at the sampling temperature, before the filters (Soft Thinking's sampler):
+                # top-p alone makes a 0.97 / 0.03 distribution one-hot, with a filtered entropy of 0.
+                entropy = torch.special.entr(full_logprobs.exp()).sum(-1)
                 cold = torch.where(thinking & (entropy < cold_stop), cold + 1, 0)
                 stop = stop | (cold >= mixer.cold_stop_steps)
             forcing = torch.where(thinking & (forcing < 0) & stop, 0, forcing)

@@ -239,3 +239,24 @@ def test_a_seeded_generator_fixes_the_rollout_whatever_the_global_rng(tok, model
     first, second = rollouts
     assert torch.equal(first.ids, second.ids) and torch.equal(first.weights, second.weights), name
     assert (first.completion_mask & ~first.thinking_mask & ~first.forced_mask).any()  # answer positions too
+
+
+def test_cold_stop_reads_the_policys_entropy_not_the_filtered_one(tok, model):
+    """Soft Thinking's sampler measures the entropy of the temperature softmax before its top-k / top-p / min-p
+    filters. A policy with 0.97 on one token and 0.03 spread over 30 others (entropy 0.24) is one-hot after top-p
+    0.95: a filtered entropy of 0 would cold-stop a row whose policy is far above the 0.01 threshold."""
+    a, tail = 17, list(range(20, 50))
+    p = torch.zeros(len(tok))
+    p[a], p[tail] = 0.97, 0.03 / len(tail)
+    logits = torch.where(p > 0, p.clamp(min=1e-30).log(), torch.tensor(-1e4))
+    soft = get_mixer("soft", 3, cold_stop_entropy=0.01, cold_stop_steps=4)
+    r, _, _ = generate_rollout(Scripted(model, lambda s: logits), tok, ["q"], mixer=soft, max_new_tokens=8, top_p=0.95)
+    assert not r.forced_mask.any() and r.thinking_mask[0].all()
+
+
+@pytest.mark.parametrize("params", [{"cold_stop_steps": 0}, {"cold_stop_steps": -3}, {"cold_stop_entropy": -0.1}])
+def test_soft_refuses_cold_stop_parameters_that_would_skip_thinking(params):
+    """cold_stop_steps=0 made `cold >= 0` true at the first thinking position: every row was forced to the marker
+    before thinking anything, whatever its entropy. The other mixers check their parameters; so does this one."""
+    with pytest.raises(ValueError, match="cold_stop_"):
+        get_mixer("soft", 3, **{"cold_stop_entropy": 0.01, **params})

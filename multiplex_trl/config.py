@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from trl import GRPOConfig
 
 from .mixers import MERGES, MIXERS, mixer_from_config
@@ -144,6 +145,8 @@ class MultiplexGRPOConfig(GRPOConfig):
             "gradient_accumulation_steps",
         ):
             value = getattr(self, name)
+            if value is None and name == "num_generations":  # typed optional, but TRL's GRPOConfig divides by it
+                raise ValueError("num_generations must be an integer >= 2 (completions per prompt), got None.")
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
         if self.max_completion_length is None and not self.use_vllm:  # the multiplex rollout decodes up to it
@@ -183,6 +186,13 @@ class MultiplexGRPOConfig(GRPOConfig):
                 "multiplex_width=1)."
             )
         super().__post_init__()
+        # transformers checks the names only when the Trainer is built, after the model has loaded.
+        unknown = [name for name in self.report_to or [] if name not in (*INTEGRATION_TO_CALLBACK, "none", None)]
+        if unknown:
+            raise ValueError(
+                f"report_to {unknown[0]!r} is not a logging integration: use one of {sorted(INTEGRATION_TO_CALLBACK)}, "
+                "'all' or 'none'."
+            )
         # TRL reads these only once a rollout has been scored (loss_type after a whole rollout); a misspelling is
         # found here, before the model loads.
         for name, allowed in TRL_CHOICES.items():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 
 import yaml
@@ -99,6 +101,8 @@ FINISHED_RUN_FILES = (
     "pytorch_model.bin",
     "adapter_model.safetensors",
 )
+# What every checkpoint the Trainer saves holds (transformers.trainer.TRAINER_STATE_NAME).
+TRAINER_STATE_NAME = "trainer_state.json"
 # Exit status of a run stopped by SIGTERM (128 + 15, the shell's convention): its checkpoint is saved, it is not done.
 PREEMPTED_EXIT = 143
 
@@ -106,6 +110,36 @@ PREEMPTED_EXIT = 143
 class _Parser(TrlParser):
     def error(self, message):  # argparse prints its whole usage (hundreds of options) before the message
         raise ConfigError(message)
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        # A recipe value becomes an argparse default, and argparse converts only string defaults: a number of the
+        # wrong kind or a list would reach the config as it is (`max_steps: 2.5` failed in the Trainer's loop, after
+        # the model loaded; `temperature: [0.7]` with a TypeError).
+        hints = {}
+        for dataclass_type in self.dataclass_types:
+            hints.update(typing.get_type_hints(dataclass_type))
+        for name, value in kwargs.items():
+            _check_recipe_number(name, value, hints.get(name))
+        return super().set_defaults_with_config(**kwargs)
+
+
+def _check_recipe_number(name: str, value, hint) -> None:
+    """Refuse a recipe value that does not fit an int or float field (strings are left to argparse's conversion)."""
+    if isinstance(value, str):
+        return
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    optional = type(None) in args
+    kinds = [a for a in args if a is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in (int, float):
+        return
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{name} must be a number, got null: set a value or remove the key from the recipe.")
+        return
+    number = (int,) if kinds[0] is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, number):
+        what = "an integer" if kinds[0] is int else "a number"
+        raise ConfigError(f"{name} must be {what}, got {value!r}: fix its value in the recipe.")
 
 
 def make_parser() -> TrlParser:
@@ -161,22 +195,27 @@ def resume_checkpoint(training_args: MultiplexGRPOConfig) -> str | None:
         return last
     if not os.path.isdir(resume):
         raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a folder (a checkpoint-<step> folder).")
+    if not os.path.isfile(os.path.join(resume, TRAINER_STATE_NAME)):  # what every checkpoint the Trainer saves has
+        raise ConfigError(
+            f"resume_from_checkpoint: {resume!r} is not a checkpoint (it has no {TRAINER_STATE_NAME}): pass a "
+            "checkpoint-<step> folder of output_dir, or true for its last one."
+        )
     return resume
 
 
-def _check_output_dir(script_args: ScriptArguments, training_args: MultiplexGRPOConfig, resume: str | None) -> None:
-    """Refuse an output_dir that holds a finished run (unless resuming it or asked to overwrite it); overwrite it."""
+def _check_output_dir(script_args: ScriptArguments, training_args: MultiplexGRPOConfig, resume: str | None) -> bool:
+    """Refuse an output_dir that holds a finished run (unless resuming it or asked to overwrite it). True when it is
+    to be overwritten: the caller deletes it once every other check has passed, so a refused run keeps it."""
     output_dir = training_args.output_dir
     finished = [f for f in FINISHED_RUN_FILES if os.path.isfile(os.path.join(output_dir, f))]
     if not finished or resume:
-        return
+        return False
     if not script_args.overwrite_output_dir:
         raise ConfigError(
             f"output_dir {output_dir!r} holds a finished run ({finished[0]}): choose another output_dir, resume it "
             "with resume_from_checkpoint, or pass --overwrite_output_dir true to delete it first."
         )
-    if int(os.environ.get("RANK", "0")) == 0:  # one process deletes; the others write nothing there before training
-        shutil.rmtree(output_dir)
+    return True
 
 
 def validate(script_args: ScriptArguments, training_args: MultiplexGRPOConfig, model_args: ModelConfig) -> None:
@@ -230,7 +269,7 @@ def main(argv: list[str] | None = None) -> str:
             f"{training_args.num_generations}): no step could run; give more prompts or a smaller batch."
         )
     resume = resume_checkpoint(training_args)
-    _check_output_dir(script_args, training_args, resume)
+    overwrite = _check_output_dir(script_args, training_args, resume)
 
     # As TRL's grpo script: the trainer loads the model from its path with these kwargs (ZeRO-3 init included).
     model_init_kwargs = {
@@ -255,6 +294,9 @@ def main(argv: list[str] | None = None) -> str:
         )  # the trainer reuses it; here it is one line, before the load
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    # Only now, with every check passed: a refused run must not have deleted the finished one it was to replace.
+    if overwrite and int(os.environ.get("RANK", "0")) == 0:  # one process deletes; the others write nothing before
+        shutil.rmtree(training_args.output_dir)
 
     callbacks = [hub.MultiplexSettingsCallback(training_args)]
     if script_args.push_revisions:

@@ -108,6 +108,11 @@ BAD_INPUTS = {
         "reward 'reasoning_gym' needs the dataset column 'rg_entry'",
     ),
     "missing checkpoint": (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "is not a folder"),
+    # The Trainer refused it only after the model had loaded ("Can't find a valid checkpoint"), as a traceback.
+    "not a checkpoint": (
+        ["--resume_from_checkpoint", "."],
+        "'.' is not a checkpoint \\(it has no trainer_state.json\\)",
+    ),
     "nothing to resume": (["--resume_from_checkpoint", "true"], "resume_from_checkpoint=true: output_dir .* has no"),
 }
 
@@ -132,16 +137,34 @@ def test_bad_input_is_refused_before_the_model_loads(flags, message, no_model, t
         ("reward_weights: 2\n", "reward_weights must be a list of numbers"),
         ("dataset_name: 5\n", "dataset_name must be a string, got 5"),
         ("multiplex_width: [3\n", "--config: the recipe is not valid YAML"),
+        # These reached the config unconverted: a TypeError traceback, or (max_steps, report_to) a failure once the
+        # model had loaded.
+        ("max_steps: 2.5\n", "max_steps must be an integer, got 2.5"),
+        ("temperature: [0.7]\n", r"temperature must be a number, got \[0.7\]"),
+        ("num_generations: null\n", "num_generations must be an integer >= 2"),
+        ("report_to: wandbb\n", "report_to 'wandbb' is not a logging integration"),
     ],
-    ids=["unknown key", "bad choice", "one reward name", "one weight", "number for a name", "bad yaml"],
+    ids=[
+        "unknown key",
+        "bad choice",
+        "one reward name",
+        "one weight",
+        "number for a name",
+        "bad yaml",
+        "float for an int",
+        "list for a float",
+        "null for an int",
+        "unknown integration",
+    ],
 )
 def test_bad_recipe_is_refused(recipe, message, no_model, tiny_model_dir, data, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe)
     with pytest.raises(grpo.ConfigError, match=message) as error:
         args = tiny_run_args(tiny_model_dir, data, tmp_path / "run")
-        if recipe.startswith(("reward_funcs", "dataset_name")):  # the recipe's value, not the flag's
-            i = args.index(f"--{recipe.split(':')[0]}")
+        flag = f"--{recipe.split(':')[0]}"
+        if flag in args:  # the recipe's value, not the flag's
+            i = args.index(flag)
             del args[i : i + 2]
         grpo.main(["--config", str(path), *args])
     assert "\n" not in str(error.value)
@@ -160,13 +183,33 @@ def test_a_finished_output_dir_is_refused_unless_overwritten(no_model, tiny_mode
     with pytest.raises(grpo.ConfigError, match="holds a finished run \\(model.safetensors\\).*--overwrite_output_dir"):
         grpo.main(tiny_run_args(tiny_model_dir, data, out))
     assert (out / "model.safetensors").exists()
-    with pytest.raises(AssertionError, match="a model or tokenizer was loaded"):  # past every check: `no_model`
+    with pytest.raises(AssertionError, match="a model or tokenizer was loaded"):  # past the cheap checks: `no_model`
         grpo.main(tiny_run_args(tiny_model_dir, data, out, "--overwrite_output_dir", "true"))
-    assert not out.exists()  # deleted before anything of the new run is written
+    assert (out / "model.safetensors").exists()  # deleted only once the marker is checked with the tokenizer
 
 
 class TrainerBuilt(Exception):
     """Raised by the stand-in trainer: the script got as far as building it."""
+
+
+def test_overwrite_deletes_the_finished_run_only_once_every_check_passed(tiny_model_dir, data, tmp_path, monkeypatch):
+    """--overwrite_output_dir deleted the finished run before the marker was checked with the tokenizer: a refused
+    marker then stopped the new run, and the old one was gone."""
+
+    def build(*args, **kwargs):
+        assert not out.exists(), "the new run starts in a folder that still holds the old one"
+        raise TrainerBuilt
+
+    monkeypatch.setattr(grpo, "MultiplexGRPOTrainer", build)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"old weights")
+    flags = ["--overwrite_output_dir", "true", "--thinking_end", "\u00a7"]
+    with pytest.raises(grpo.ConfigError, match="thinking_end='\u00a7' cannot be encoded"):
+        grpo.main(tiny_run_args(tiny_model_dir, data, out, *flags))
+    assert (out / "model.safetensors").read_bytes() == b"old weights"
+    with pytest.raises(TrainerBuilt):
+        grpo.main(tiny_run_args(tiny_model_dir, data, out, *flags[:2]))
 
 
 def test_model_loading_options_reach_the_trainer(tiny_model_dir, data, tmp_path, monkeypatch):

@@ -34,6 +34,8 @@ from .inference import (
     UsageError,
     add_decoding_arguments,
     check_count,
+    check_decodable,
+    check_device,
     check_engine,
     check_mixer_params,
     decode_batch,
@@ -261,6 +263,12 @@ def evaluate(
     """
     check_count("n", n)
     check_count("batch_size", batch_size)  # before the output folder: a refused run leaves no results.json
+    # So is what only the tokenizer shows (no chat template, an unusable marker, prompts that close thinking): a
+    # results.json left by a refused run recorded its settings, and the corrected rerun was refused as a resume.
+    for dataset, rows in problems.items():
+        conversations = [to_messages(row["prompt"]) for row in rows]
+        for marker in dict.fromkeys(d.thinking_end for d in methods.values()):
+            check_decodable(tokenizer, conversations, marker)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     samples_path = output / SAMPLES_FILE
@@ -473,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_count("--n", args.n)
         check_count("--batch-size", args.batch_size)
+        check_device(args.device)
         ks = parse_ks(args.k, args.n)
         for name in args.dataset:
             check_dataset_name(name)

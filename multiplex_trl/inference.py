@@ -141,6 +141,18 @@ class Decoding:
         return f"{self.mixer}({', '.join([f'K={self.width}', *changed])})"
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a --device torch cannot parse, or CUDA on a machine without it, before any model loads."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a torch device: use cpu, cuda, cuda:<index>, ...") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu.")
+
+
 def check_count(name: str, value: int) -> None:
     """Refuse a count below 1 (samples per prompt, rows per batch) as a UsageError, before any model loads."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -251,6 +263,24 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], device) -> tuple[
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
+def check_marker(tokenizer, prompts: list[list[int]], thinking_end: str):
+    """The marker's ids and matcher (`closing_rule`), refusing a marker the tokenizer cannot use or prompts (ids,
+    unpadded) that already close thinking, as a UsageError (the CLIs print it in one line)."""
+    try:
+        marker, automaton = closing_rule(tokenizer, thinking_end)
+        check_prompts_open_thinking(tokenizer, prompts, thinking_end, marker)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return marker, automaton
+
+
+def check_decodable(tokenizer, conversations: list[list[dict]], thinking_end: str) -> None:
+    """What only the tokenizer can refuse (no chat template, an unusable marker, prompts that close thinking), for
+    every prompt at once: eval checks it before it writes anything to its output folder."""
+    input_ids, attention_mask = encode_prompts(tokenizer, conversations, "cpu")
+    check_marker(tokenizer, [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)], thinking_end)
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """The generation config's EOS ids plus the tokenizer's, as TRL's GRPOTrainer collects them."""
     eos = model.generation_config.eos_token_id
@@ -272,11 +302,7 @@ def decode_batch(
     device = next(model.parameters()).device
     input_ids, attention_mask = encode_prompts(tokenizer, conversations, device)
     prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-    try:
-        marker, automaton = closing_rule(tokenizer, decoding.thinking_end)
-        check_prompts_open_thinking(tokenizer, prompts, decoding.thinking_end, marker)
-    except ValueError as error:  # the CLIs print it in one line
-        raise UsageError(str(error)) from None
+    marker, automaton = check_marker(tokenizer, prompts, decoding.thinking_end)
     with global_rng_from(generator):
         rollout = multiplex_generate(
             model,
@@ -632,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_count("--num-samples", args.num_samples)
         check_count("--batch-size", args.batch_size)
+        check_device(args.device)
         path = find_model(args.model)
         given = mixer_arguments(args)
         decoding = resolve_decoding(
@@ -669,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
             if sample.closed:
                 print(sample.answer.strip())
                 continue
-            # No marker: say why, and show the text so nothing is lost (rewards grade all of it in this case).
+            # No marker: say why, and show the text so nothing is lost (rewards and eval score it 0).
             why = "ended" if sample.ids.size(0) < decoding.max_new_tokens else "reached --max-new-tokens"
             print(f"(no answer: the model {why} before closing its thinking with {decoding.thinking_end!r})")
             if not args.show_branches:

@@ -4,6 +4,7 @@ import json
 from collections import defaultdict
 
 import pytest
+import torch
 
 from multiplex_trl import cli, evaluate, inference
 from multiplex_trl.evaluate import UsageError, bootstrap_ci, grade, load_problems, parse_ks, pass_at_k
@@ -199,6 +200,37 @@ def test_eval_bad_input_is_refused_before_loading(eval_args, monkeypatch, capsys
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing written that looks like a run
+
+
+def test_a_marker_the_tokenizer_refuses_leaves_no_run_to_resume(eval_args, count_rows, capsys):
+    """Found only once the tokenizer is loaded, but after results.json had recorded the refused settings: the corrected
+    rerun into the same --output was then refused as a resume with other settings, though no sample existed."""
+    args, out = eval_args
+    assert cli.main([*args, "--thinking-end", "§"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("multiplex-trl eval: error: thinking_end='§' cannot be encoded")
+    assert sum(count_rows) == 0 and not (out / "results.json").exists() and not (out / "samples.jsonl").exists()
+    assert cli.main(args) == 0 and sum(count_rows) == 3 * 4 * 2
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "is not a torch device"), ("cuda", "CUDA is not available")])
+def test_eval_and_generate_refuse_a_bad_device_before_loading(eval_args, monkeypatch, capsys, device, message):
+    """A traceback (torch's parse error, or 'Torch not compiled with CUDA enabled' after the model loaded)."""
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(evaluate, "load_model", no_load)
+    monkeypatch.setattr(inference, "load_model", no_load)
+    args, out = eval_args
+    args[args.index("--device") + 1] = device
+    assert cli.main(args) == 2
+    model = args[args.index("--model") + 1]
+    assert cli.main(["generate", "--model", model, "--prompt", "1+1", "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(message in line for line in err) and not out.exists()
 
 
 @pytest.mark.parametrize("n, batch_size, message", [(4, 0, "batch_size"), (0, 4, "n")], ids=["batch_size", "n"])

@@ -288,10 +288,8 @@ def main(argv: list[str] | None = None) -> str:
         trust_remote_code=training_args.trust_remote_code,
         padding_side="left",
     )
-    try:
-        closing_rule(
-            tokenizer, training_args.thinking_end
-        )  # the trainer reuses it; here it is one line, before the load
+    try:  # the trainer reuses it (cached); here a refusal is one line, before the model loads
+        closing_rule(tokenizer, training_args.thinking_end)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     # Only now, with every check passed: a refused run must not have deleted the finished one it was to replace.

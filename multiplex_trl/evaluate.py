@@ -184,6 +184,7 @@ def load_problems(
             prompt_template=prompt_template,
             system_prompt=system_prompt,
             max_samples=max_samples,
+            preferred_split="test",  # a local or Hub dataset with a test split: that one, not the training problems
         )
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         raise UsageError(str(error).splitlines()[0]) from error

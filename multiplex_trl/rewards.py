@@ -13,11 +13,17 @@ import inspect
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from math_verify import parse, verify
 
+
+# math-verify's own limits (seconds) on parsing and comparing one answer. Its timeouts use signal.alarm, which only the
+# main thread may set: elsewhere (TRL runs async rewards in a thread) they are off, and nothing stops a runaway sympy.
+PARSE_TIMEOUT = 5
+VERIFY_TIMEOUT = 5
 
 THINKING_END = "</think>"  # the marker that closes the thinking phase; change it with set_thinking_end()
 
@@ -46,7 +52,11 @@ def completion_text(completion: str | list[dict[str, str]]) -> str:
 def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float | None]:
     """1.0 if math-verify finds the answer phase equal to the gold `answer`, else 0.0 (also when thinking never
     closed, so there is no answer phase); None if the gold won't parse."""
-    # No timeouts: they rely on signal.alarm, which fails outside the main thread (TRL may call from threads).
+    # Timeouts rely on signal.alarm, which fails outside the main thread (TRL may call from threads): there they are
+    # off. In the main thread (TRL's sync rewards, eval) they stay on: without them one answer such as
+    # \boxed{10^{10^{10}}} makes sympy's comparison run forever and the whole run hangs.
+    in_main = threading.current_thread() is threading.main_thread()
+    parse_timeout, verify_timeout = (PARSE_TIMEOUT, VERIFY_TIMEOUT) if in_main else (None, None)
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # silences "Timeout is disabled" on every call
     rewards = []
     for completion, gold in zip(completions, answer, strict=True):
@@ -58,8 +68,8 @@ def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[floa
         if THINKING_END not in text:  # thinking never closed: no answer phase to grade (as DeepScaleR's reward)
             rewards.append(0.0)
             continue
-        predicted = parse(extract_answer(text), parsing_timeout=None)
-        rewards.append(float(verify(gold_parsed, predicted, timeout_seconds=None)))
+        predicted = parse(extract_answer(text), parsing_timeout=parse_timeout)
+        rewards.append(float(verify(gold_parsed, predicted, timeout_seconds=verify_timeout)))
     return rewards
 
 
@@ -117,7 +127,7 @@ def reasoning_gym_reward(
     when thinking never closed (no answer phase), as `accuracy_reward`."""
     rewards = []
     for i, completion in enumerate(completions):
-        entry = json.loads(rg_entry[i])
+        entry = load_entry(rg_entry[i])
         name = task[i] if task is not None else entry["metadata"]["source_dataset"]
         text = completion_text(completion)
         if THINKING_END not in text:
@@ -126,6 +136,31 @@ def reasoning_gym_reward(
         predicted = extract_final(extract_answer(text))
         rewards.append(float(_score_fn(name)(predicted, entry)))
     return rewards
+
+
+# JSON has no tuples, and some reasoning_gym scorers compare with the metadata's tuples (arc_agi and rearc: the parsed
+# board against metadata["output"], so a list there never equals it): the `rg_entry` column tags them.
+_TUPLE = "__tuple__"
+
+
+def dump_entry(entry: dict[str, Any]) -> str:
+    """A reasoning_gym entry as the JSON of the `rg_entry` column, its tuples tagged so `load_entry` restores them."""
+
+    def tag(value):
+        if isinstance(value, tuple):
+            return {_TUPLE: [tag(v) for v in value]}
+        if isinstance(value, list):
+            return [tag(v) for v in value]
+        if isinstance(value, dict):
+            return {k: tag(v) for k, v in value.items()}
+        return value
+
+    return json.dumps(tag(entry), default=str)
+
+
+def load_entry(text: str) -> dict[str, Any]:
+    """The entry `dump_entry` wrote (tuples restored); plain JSON reads as before."""
+    return json.loads(text, object_hook=lambda d: tuple(d[_TUPLE]) if d.keys() == {_TUPLE} else d)
 
 
 def format_reward(completions: list, **kwargs) -> list[float | None]:

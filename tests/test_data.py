@@ -184,3 +184,16 @@ def test_answer_column_wins_over_the_solution(tmp_path):
         json.dumps({"problem": "p", "solution": "so \\boxed{3} and more", "answer": "\\frac{6}{2}"}) + "\n"
     )
     assert load_prompts(str(path))["answer"] == ["\\frac{6}{2}"]
+
+
+def test_float_answers_are_written_out_for_the_grader(tmp_path):
+    """A numeric answer column read str(x): 1e-05 and 2e+16, which math-verify reads as 1*e - 5 and 2*e + 16 (Euler's
+    number), so every right answer to such a problem scored 0."""
+    from multiplex_trl.rewards import accuracy_reward
+
+    rows = [{"problem": "p", "answer": 1e-05}, {"problem": "q", "answer": 2e16}, {"problem": "r", "answer": 2.5}]
+    (tmp_path / "floats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    golds = load_prompts(str(tmp_path / "floats.jsonl"))["answer"]
+    assert list(golds) == ["0.00001", "20000000000000000", "2.5"]
+    completions = [f"t</think>\\boxed{{{x}}}" for x in ("0.00001", "2 \\times 10^{16}", "2.5")]
+    assert accuracy_reward(completions, answer=list(golds)) == [1.0, 1.0, 1.0]

@@ -510,3 +510,21 @@ def test_eval_adding_a_dataset_draws_its_samples(eval_args, count_rows, tmp_path
     assert sum(r["dataset"] == str(other) for r in _records(out)) == 16
     results = json.loads((out / "results.json").read_text())["results"]
     assert results[str(other)]["discrete"]["problems"] == 2
+
+
+def test_load_problems_prefers_the_test_split_of_a_local_or_hub_dataset(tmp_path):
+    """`--split` defaults to test: a saved DatasetDict or a folder of train/test files was evaluated on its train
+    split (the problems a model was trained on)."""
+    import datasets
+
+    train = datasets.Dataset.from_list([{"problem": "train problem", "answer": "1"}])
+    test = datasets.Dataset.from_list([{"problem": "test problem", "answer": "2"}])
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "folder").mkdir()
+    train.to_json(str(tmp_path / "folder" / "train.jsonl"))
+    test.to_json(str(tmp_path / "folder" / "test.jsonl"))
+    for path in (tmp_path / "saved", tmp_path / "folder"):
+        assert load_problems(str(path))["answer"] == ["2"], path
+        assert load_problems(str(path), split="train")["answer"] == ["1"], path
+    train.to_json(str(tmp_path / "one.jsonl"))  # a single file has only a train split: that one
+    assert load_problems(str(tmp_path / "one.jsonl"))["answer"] == ["1"]

@@ -157,3 +157,37 @@ def test_reward_columns_check_reads_the_signature():
     with pytest.raises(ValueError, match="reward 'mine' needs the dataset column 'level', which dataset 'ds' lacks"):
         check_reward_columns([needs_level], ["mine"], ["prompt", "answer"], "ds")
     check_reward_columns([needs_level, uses_trl_kwargs], ["a", "b"], ["prompt", "answer", "level"], "ds")
+
+
+def test_a_runaway_comparison_is_cut_off_in_the_main_thread():
+    """sympy compares 10^{10^{10}} with a gold forever: with math-verify's timeouts off in every thread, one such
+    answer hung the training step (TRL calls sync rewards in the main thread) or the eval run. A subprocess, so a
+    regression fails here instead of hanging the suite."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from multiplex_trl.rewards import accuracy_reward\n"
+        "print(accuracy_reward(['t</think>\\\\boxed{10^{10^{10}}}', 't</think>\\\\boxed{5}'], answer=['5', '5']))"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("accuracy_reward did not return within 90 s on \\boxed{10^{10^{10}}}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[0.0, 1.0]"
+
+
+def test_reasoning_gym_entries_keep_their_tuples():
+    """rg_entry is stored as JSON, which turned the metadata's tuples into lists: arc_agi and rearc compare the parsed
+    board (a tuple of tuples) with metadata['output'], so the exact gold scored 0.05, never 1."""
+    from multiplex_trl.data import load_prompts
+
+    for task in ("arc_agi", "rearc"):
+        row = load_prompts(f"reasoning_gym:{task}", max_samples=1)[0]
+        completions = [chat(f"t</think>\\boxed{{{row['answer']}}}")]
+        assert reasoning_gym_reward(completions, rg_entry=[row["rg_entry"]], task=[task]) == [1.0], task

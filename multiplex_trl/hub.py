@@ -279,12 +279,12 @@ class MultiplexSettingsCallback(TrainerCallback):
         self.multiplex_args = args
 
     def _describe(self, args, state) -> None:
-        """Settings and card into output_dir and the checkpoint of this step (TRL rewrites output_dir's card first)."""
+        """Settings and card into output_dir, the card into the checkpoint of this step (TRL rewrites output_dir's card
+        first; the checkpoint's settings are written by MultiplexGRPOTrainer.save_model)."""
         describe_model(args.output_dir, self.multiplex_args)
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(checkpoint):
             shutil.copy(os.path.join(args.output_dir, "README.md"), os.path.join(checkpoint, "README.md"))
-            save_multiplex_settings(checkpoint, self.multiplex_args)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

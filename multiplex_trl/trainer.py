@@ -130,6 +130,7 @@ class SaveOnSigterm(TrainerCallback):
         self._previous = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.requested = False  # a signal of an earlier train() call stopped that call, not this one
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -289,8 +290,10 @@ class MultiplexGRPOTrainer(GRPOTrainer):
         ):
             try:
                 rollout = self._multiplex_generate(unwrapped_model, input_ids, attention_mask)
-            except RuntimeError as error:  # torch.multinomial on NaN/inf probabilities
-                if "multinomial" not in str(error) and "probability" not in str(error):
+            except (RuntimeError, ValueError) as error:
+                # torch.multinomial on NaN/inf probabilities (RuntimeError); torch's Dirichlet (the dirichlet mixer)
+                # on NaN concentrations (ValueError: "... but found invalid values")
+                if not any(s in str(error) for s in ("multinomial", "probability", "found invalid values")):
                     raise
                 raise FloatingPointError(self._non_finite("logits during the rollout")) from error
         if not (torch.isfinite(rollout.weights).all() and torch.isfinite(rollout.logprobs).all()):
@@ -357,9 +360,8 @@ class MultiplexGRPOTrainer(GRPOTrainer):
     # --- scoring ------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
-        if not self.multiplex:
-            return super()._compute_loss(model, inputs)
-        self._active_slots = (inputs["multiplex_ids"], inputs["multiplex_weights"], inputs["thinking_mask"])
+        if self.multiplex:
+            self._active_slots = (inputs["multiplex_ids"], inputs["multiplex_weights"], inputs["thinking_mask"])
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
@@ -424,6 +426,15 @@ class MultiplexGRPOTrainer(GRPOTrainer):
             return out
         logps, entropies = out if compute_entropy else (out, None)
         return logps, entropies, None
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The Trainer's save (checkpoints call it too) with multiplex_config.json beside the weights, written first so
+        a push from inside the save carries it."""
+        if self.args.should_save:
+            from .hub import save_multiplex_settings
+
+            save_multiplex_settings(output_dir if output_dir is not None else self.args.output_dir, self.args)
+        super().save_model(output_dir, _internal_call)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card plus the multiplex section and multiplex_config.json, so a plain `push_to_hub()` carries them."""

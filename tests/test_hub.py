@@ -289,3 +289,21 @@ def test_transformers_offline_counts_as_offline(monkeypatch):
     assert not hub.hub_offline()
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     assert hub.hub_offline()
+
+
+def test_trainer_checkpoints_carry_the_settings_without_the_script(tmp_path, tok):
+    """MultiplexGRPOTrainer used directly (README: Minimal example): every checkpoint and a final `save_model` hold
+    multiplex_config.json, so `generate(checkpoint)` decodes with the trained settings (it fell back to the paper's
+    defaults: no thinking budget)."""
+    from test_trainer import _args, _trainer
+
+    from multiplex_trl.testing import tiny_model
+
+    out = tmp_path / "run"
+    tr = _trainer(tok, tiny_model(tok), _args(out, max_steps=2, save_strategy="steps", save_steps=1))
+    tr.train()
+    tr.save_model(str(tmp_path / "final"))
+    for folder in (out / "checkpoint-1", out / "checkpoint-2", tmp_path / "final"):
+        settings = hub.load_multiplex_settings(folder)
+        assert settings == hub.multiplex_settings(tr.args), folder
+        assert settings["max_thinking_tokens"] == 8

@@ -262,3 +262,48 @@ def test_tokenizer_without_pad_token_falls_back_to_eos(tmp_path):
     assert tok.pad_token_id == tok.eos_token_id
     batch = _batch(tr)
     assert batch["completion_mask"].any()
+
+
+def test_a_later_train_call_is_not_stopped_by_an_earlier_sigterm(tmp_path, tok):
+    """`preempted` is about the last `train()`: after a SIGTERM-stopped run, resuming in the same process trains to
+    max_steps and is not reported as preempted (the flag stayed set, so it stopped again after one step)."""
+
+    class TermAtStep1(TrainerCallback):
+        sent = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1 and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler is installed while train() runs
+
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path, max_steps=4))
+    tr.add_callback(TermAtStep1())
+    tr.train()
+    assert tr.preempted and tr.state.global_step == 2
+    tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert tr.state.global_step == 4
+    assert not tr.preempted
+
+
+def test_nan_logits_with_the_dirichlet_mixer_name_the_step(tmp_path, tok):
+    """The dirichlet mixer samples its weights with torch's Dirichlet, which refuses NaN concentrations with a
+    ValueError of its own: the run must stop with the same non-finite error (and step) as the other mixers."""
+    model = tiny_model(tok)
+    tr = _trainer(tok, model, _args(tmp_path, mixer="dirichlet"))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite logits during the rollout at step 0"):
+        _batch(tr)
+
+
+def test_nan_loss_is_caught_on_trls_own_path_too(tmp_path, tok):
+    """Width 1 with vLLM runs TRL's own rollout and loss (`multiplex` False): README's non-finite-loss guard holds
+    there too (it returned TRL's loss unchecked)."""
+    tr = _trainer(tok, tiny_model(tok), _args(tmp_path))
+    batch = _batch(tr)
+    tr.multiplex = False  # what MultiplexGRPOTrainer sets for multiplex_width=1, use_vllm=True (vLLM not needed here)
+    batch["advantages"] = torch.full_like(batch["advantages"], float("nan"))
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 0"):
+        tr._compute_loss(tr.model, batch)

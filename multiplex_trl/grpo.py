@@ -10,6 +10,7 @@ The YAML sets defaults and flags override them (TRL's `TrlParser`). Everything t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -203,6 +204,21 @@ def resume_checkpoint(training_args: MultiplexGRPOConfig) -> str | None:
     return resume
 
 
+def _check_resume_settings(checkpoint: str, training_args: MultiplexGRPOConfig) -> None:
+    """Refuse resuming a checkpoint with other rollout settings than it was trained with (its multiplex_config.json):
+    the run would go on as another method under the same name, and its saved settings would describe neither half."""
+    saved = hub.load_multiplex_settings(checkpoint)
+    if saved is None:  # a checkpoint written without them (another tool): nothing to compare
+        return
+    current = json.loads(json.dumps(hub.multiplex_settings(training_args)))  # as the file holds them
+    changed = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in current if saved.get(k) != current.get(k)]
+    if changed:
+        raise ConfigError(
+            f"resume_from_checkpoint: {checkpoint!r} was trained with other multiplex settings ({', '.join(changed)}):"
+            " resume with the checkpoint's settings, or start a new run in another output_dir."
+        )
+
+
 def _check_output_dir(script_args: ScriptArguments, training_args: MultiplexGRPOConfig, resume: str | None) -> bool:
     """Refuse an output_dir that holds a finished run (unless resuming it or asked to overwrite it). True when it is
     to be overwritten: the caller deletes it once every other check has passed, so a refused run keeps it."""
@@ -269,6 +285,8 @@ def main(argv: list[str] | None = None) -> str:
             f"{training_args.num_generations}): no step could run; give more prompts or a smaller batch."
         )
     resume = resume_checkpoint(training_args)
+    if resume:
+        _check_resume_settings(resume, training_args)
     overwrite = _check_output_dir(script_args, training_args, resume)
 
     # As TRL's grpo script: the trainer loads the model from its path with these kwargs (ZeRO-3 init included).

@@ -319,6 +319,33 @@ def test_resume_from_checkpoint_true_and_false(tiny_model_dir, data, tmp_path):
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    "flags, changed",
+    [
+        (["--multiplex_width", "2"], "width 3 -> 2"),
+        (["--max_thinking_tokens", "6", "--temperature", "0.7"], "max_thinking_tokens 8 -> 6, temperature 1.0 -> 0.7"),
+    ],
+    ids=["width", "budget and temperature"],
+)
+def test_resuming_with_other_multiplex_settings_is_refused(flags, changed, no_model, tiny_model_dir, data, tmp_path):
+    """A checkpoint resumed with another width or rollout setting went on as another method under the same run (and
+    its multiplex_config.json then described only the second half): refused in one line naming what changed."""
+    from multiplex_trl import MultiplexGRPOConfig
+    from multiplex_trl.hub import save_multiplex_settings
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    trained = MultiplexGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_thinking_tokens=8)
+    save_multiplex_settings(checkpoint, trained)
+    args = tiny_run_args(tiny_model_dir, data, tmp_path / "run", "--resume_from_checkpoint", str(checkpoint))
+    with pytest.raises(grpo.ConfigError, match=f"other multiplex settings \\({changed}\\): resume with") as error:
+        grpo.main([*args, *flags])
+    assert "\n" not in str(error.value)
+    with pytest.raises(AssertionError, match="a model or tokenizer was loaded"):  # the same settings: past the check
+        grpo.main(args)
+
+
 def test_a_marker_the_tokenizer_cannot_encode_is_one_line(tiny_model_dir, data, tmp_path, monkeypatch, capsys):
     """Checked by the trainer before it loads the model, but as a traceback; the script checks it with the tokenizer."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import types
@@ -249,6 +250,11 @@ def validate(script_args: ScriptArguments, training_args: MultiplexGRPOConfig, m
             f"reward_weights has {len(weights)} values but reward_funcs names {len(script_args.reward_funcs)} "
             f"({script_args.reward_funcs}): give one weight per reward function."
         )
+    modules = model_args.lora_target_modules
+    if isinstance(modules, str) and re.fullmatch(r"[\w.]+", modules):
+        # TRL's ModelConfig turns one --lora_target_modules value into a string, which peft reads as a regex over the
+        # whole module name: "q_proj" matched no module (an error after the model loaded). One plain name is a name.
+        model_args.lora_target_modules = [modules]
     if script_args.push_merged and not model_args.use_peft:
         raise ConfigError("push_merged=True merges a LoRA adapter: it needs use_peft=True.")
     try:

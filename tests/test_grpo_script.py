@@ -236,6 +236,34 @@ def test_model_loading_options_reach_the_trainer(tiny_model_dir, data, tmp_path,
     }
 
 
+@pytest.mark.parametrize(
+    "given, expected",
+    [(["q_proj"], ["q_proj"]), (["q_proj", "v_proj"], ["q_proj", "v_proj"]), (["all-linear"], "all-linear")],
+    ids=["one name", "two names", "all-linear"],
+)
+def test_one_lora_target_module_is_a_name_not_a_regex(given, expected, tiny_model_dir, data, tmp_path, monkeypatch):
+    """TRL's ModelConfig turns a single --lora_target_modules value (or a recipe's string) into a string, which peft
+    matches as a regex against the whole module name: `q_proj` alone matched nothing and failed after the model
+    loaded. A plain name goes to peft as a one-name list (matched as a suffix); `all-linear` keeps its meaning."""
+    from peft import LoraConfig, get_peft_model
+
+    seen = {}
+
+    def record(model, args, peft_config=None, **kwargs):
+        seen["peft"] = peft_config
+        raise TrainerBuilt
+
+    monkeypatch.setattr(grpo, "MultiplexGRPOTrainer", record)
+    flags = ["--use_peft", "true", "--lora_target_modules", *given]
+    with pytest.raises(TrainerBuilt):
+        grpo.main(tiny_run_args(tiny_model_dir, data, tmp_path / "run", *flags))
+    targets = seen["peft"].target_modules
+    assert targets == expected or sorted(targets) == sorted(expected)
+    if given == ["q_proj"]:  # peft finds the tiny model's q_proj layers with it
+        lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(target_modules=targets))
+        assert any("q_proj" in name and "lora_A" in name for name, _ in lora.named_parameters())
+
+
 def test_a_dataset_of_exactly_one_generation_batch_is_accepted(no_model, tiny_model_dir, data, tmp_path):
     """Two prompts and a generation batch of 8 completions (2 prompts x 4): one step can run."""
     flags = ["--max_train_samples", "2", "--per_device_train_batch_size", "8"]

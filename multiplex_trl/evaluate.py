@@ -33,6 +33,7 @@ from .inference import (
     Decoding,
     UsageError,
     add_decoding_arguments,
+    add_model_arguments,
     check_count,
     check_decodable,
     check_device,
@@ -455,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Hub benchmarks (online, or from the datasets cache): "
         + ", ".join(f"{name} = {hub_id} [{split}]" for name, (hub_id, split) in HUB_BENCHMARKS.items()),
     )
-    parser.add_argument("--model", required=True, help="Model folder, Hub id, or 'smollm2-135m'.")
+    add_model_arguments(parser)
     parser.add_argument(
         "--dataset",
         action="append",
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         ks = parse_ks(args.k, args.n)
         for name in args.dataset:
             check_dataset_name(name)
-        path = find_model(args.model)
+        path = find_model(args.model, args.revision)
         saved = load_multiplex_settings(path)
         given = mixer_arguments(args)
         # Every mixer at every width; None: the model's saved mixer / width, else multiplex / the mixer's default.
@@ -499,9 +500,12 @@ def main(argv: list[str] | None = None) -> int:
         check_engine(args.cache_implementation, args.compile, path, max(d.max_new_tokens for d in decodings))
         methods = {d.name: d for d in decodings}
         problems = {name: _load_quietly(name, args) for name in args.dataset}
-        output = Path(args.output or os.path.join("eval", Path(path.rstrip("/")).name))
+        name = Path(path.rstrip("/")).name if args.revision is None else f"{Path(args.model).name}-{args.revision}"
+        output = Path(args.output or os.path.join("eval", name))
         # The settings that decide what a sample is: resuming with other ones would mix two experiments.
         fingerprint = {"model": args.model, "prompt_template": args.prompt_template}
+        if args.revision is not None:  # only when given: runs recorded before --revision existed still resume
+            fingerprint["revision"] = args.revision
         fingerprint.update(system_prompt=args.system_prompt, dataset_config=args.dataset_config, split=args.split)
         settings = {"methods": {m: {**fingerprint, **dataclasses.asdict(d)} for m, d in methods.items()}}
         check_resume(output, {**settings, "seed": args.seed})

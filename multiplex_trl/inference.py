@@ -201,12 +201,19 @@ class Sample:
 # --- loading --------------------------------------------------------------------------------------------------------
 
 
-def find_model(model: str) -> str:
+def find_model(model: str, revision: str | None = None) -> str:
     """The folder or Hub id to load `model` from ("smollm2-135m" is the bundled demo model).
 
     Loads nothing and raises UsageError naming the path when there is no such model, so the CLIs can refuse early.
+    With `revision` (a branch such as push_revisions' `step-<N>`, a tag or a commit of a Hub model), the files of that
+    revision are fetched (or found in the cache when offline) and their local folder is returned.
     """
     expanded = os.path.expanduser(model)
+    if revision is not None and (os.path.exists(expanded) or model.lower() in DEMO_MODEL_ALIASES):
+        raise UsageError(
+            f"--revision {revision!r} names a revision of a Hub model, but {model!r} is local: drop --revision, or "
+            "pass the Hub id."
+        )
     if os.path.isdir(expanded):
         return expanded
     if os.path.exists(expanded):
@@ -220,6 +227,8 @@ def find_model(model: str) -> str:
         raise UsageError(
             f"Model path {model!r} does not exist: pass a model folder, a Hub id (owner/name) or 'smollm2-135m'."
         )
+    if revision is not None:
+        return _fetch_revision(model, revision)
     if hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
@@ -229,6 +238,20 @@ def find_model(model: str) -> str:
                 "local model folder, or go online once."
             )
     return model
+
+
+def _fetch_revision(model: str, revision: str) -> str:
+    """The local folder of `model` at `revision` (downloaded, or from the cache when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model, revision=revision)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:  # unknown repo or revision, offline, no cache
+        raise UsageError(
+            f"Model {model!r} at revision {revision!r} could not be fetched ({type(error).__name__}): check the "
+            "revision (push_revisions names its branches step-<N>), or go online once to cache it."
+        ) from None
 
 
 def load_model(path: str, device: str | torch.device | None = None):
@@ -391,6 +414,7 @@ def generate(
     device: str | None = None,
     cache_implementation: str | None = None,
     compile: bool = False,
+    revision: str | None = None,
     **mixer_params,
 ) -> list[list[Sample]]:
     """Sample `num_samples` completions per prompt; returns samples[prompt][sample].
@@ -406,17 +430,20 @@ def generate(
     paper's multiplex rollout (K=3, weighted, temperature 1, top-p 1, marker "</think>").
     `cache_implementation="static"` decodes with a static KV cache and `compile=True` compiles its decode step (CUDA
     graphs on a GPU): same rollouts up to rounding, for long generations on a GPU (bench/results/rollout*.md).
+    `revision`: a branch (push_revisions' `step-<N>`), tag or commit of a Hub model id.
     """
     check_count("num_samples", num_samples)
     check_count("batch_size", batch_size)
     check_engine(cache_implementation, compile)
     if isinstance(model_or_path, (str, os.PathLike)):
-        path = find_model(str(model_or_path))
+        path = find_model(str(model_or_path), revision)
         saved = load_multiplex_settings(path)
     else:
         model, saved = model_or_path, None
         if tokenizer is None:
             raise ValueError("generate() with a loaded model needs `tokenizer=`.")
+        if revision is not None:
+            raise ValueError("generate() with a loaded model takes no `revision=` (it names a Hub model's files).")
     given = {k: v for k, v in {"merge": merge, **mixer_params}.items() if v is not None}
     decoding = resolve_decoding(
         saved,
@@ -536,6 +563,14 @@ def format_branches(sample: Sample, tokenizer, digits: int = 2) -> str:
 # --- CLI ------------------------------------------------------------------------------------------------------------
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --revision, as generate and eval take them."""
+    parser.add_argument("--model", required=True, help="Model folder, Hub id, or 'smollm2-135m'.")
+    parser.add_argument(
+        "--revision", help="Branch, tag or commit of a Hub model (push_revisions pushes step-<N> branches)."
+    )
+
+
 def add_decoding_arguments(parser: argparse.ArgumentParser, multi: bool = False) -> None:
     """Decoding flags shared by `generate` and `eval` (None = the mixer's paper settings, else the model's
     multiplex_config.json, else the paper's rollout). With `multi`, --mixer and --width repeat (eval's methods)."""
@@ -642,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer a prompt with multiplex decoding (K merged draws per thinking position) or another "
         "token-mixing rule (--mixer).",
     )
-    parser.add_argument("--model", required=True, help="Model folder, Hub id, or 'smollm2-135m'.")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, action="append", help="User message (repeat for several).")
     parser.add_argument("--num-samples", type=int, default=1, help="Completions per prompt.")
     parser.add_argument(
@@ -659,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         check_count("--num-samples", args.num_samples)
         check_count("--batch-size", args.batch_size)
         check_device(args.device)
-        path = find_model(args.model)
+        path = find_model(args.model, args.revision)
         given = mixer_arguments(args)
         decoding = resolve_decoding(
             load_multiplex_settings(path), given, mixer=args.mixer, width=args.width, **decoding_arguments(args)

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -152,6 +153,69 @@ def test_find_model_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UsageError, match="HF_HUB_OFFLINE"):
         find_model("nobody-xyz/not-a-cached-model")
+
+
+def test_a_revision_of_a_hub_model_is_decoded_from_its_own_files(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """push_revisions pushes each checkpoint to a `step-<N>` branch: generate and eval decode one with --revision
+    (they read the Hub id's default branch only). A revision of a local model, or one neither online nor cached, is
+    refused in one line before anything loads."""
+    import huggingface_hub
+
+    from multiplex_trl import MultiplexGRPOConfig, cli, evaluate
+    from multiplex_trl.hub import save_multiplex_settings
+
+    branch = tmp_path / "snapshot"  # the branch's files: the checkpoint, with its settings (a thinking budget of 2)
+    shutil.copytree(tiny_model_dir, branch)
+    args = MultiplexGRPOConfig(output_dir=str(tmp_path), max_thinking_tokens=2, use_cpu=True, bf16=False)
+    save_multiplex_settings(branch, args)
+    fetched = []
+
+    def snapshot_download(repo_id, revision=None, **kwargs):
+        fetched.append((repo_id, revision))
+        return str(branch)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    samples = inference.generate("me/run", "hi", revision="step-2", max_new_tokens=6, device="cpu")
+    assert fetched == [("me/run", "step-2")] and samples[0][0].thinking_length <= 2  # the branch's budget
+    assert cli.main(["generate", "--model", "me/run", "--revision", "step-2", "--prompt", "hi", "--device", "cpu",
+                     "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert fetched[-1] == ("me/run", "step-2")
+    data = tmp_path / "problems.jsonl"
+    data.write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "eval",
+        "--model",
+        "me/run",
+        "--dataset",
+        str(data),
+        "--n",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    assert cli.main([*args, "--revision", "step-2"]) == 0
+    results = json.loads((tmp_path / "eval" / "run-step-2" / "results.json").read_text())
+    assert {m["revision"] for m in results["settings"]["methods"].values()} == {"step-2"}
+    capsys.readouterr()
+
+    monkeypatch.undo()  # the real snapshot_download: offline here, and nothing cached
+    monkeypatch.setattr(inference, "load_model", _no_load)
+    monkeypatch.setattr(evaluate, "load_model", _no_load)
+    for model, message in [
+        (tiny_model_dir, "names a revision of a Hub model, but .* is local"),
+        ("nobody-xyz/not-a-cached-model", "at revision 'step-2' could not be fetched"),
+    ]:
+        assert cli.main(["generate", "--model", model, "--revision", "step-2", "--prompt", "hi"]) == 2
+        assert cli.main([*args[:2], model, *args[3:], "--revision", "step-2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and all(re.search(message, line) for line in err), err
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model must not be loaded for bad input")
 
 
 def test_generate_cli(tiny_model_dir, capsys, monkeypatch):

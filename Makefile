@@ -32,11 +32,22 @@ BENCH_SCRIPTS := $(sort $(wildcard bench/*.py))
 
 .PHONY: install test demo compare bench lint format
 
+# The venv's interpreter must run and be Python 3.11+: a .venv whose Python was removed or upgraded away, or one made
+# by an older Python, is refused here in one line (it failed later as "No such file", or in pip after downloading torch).
+PY_OK := -c 'import sys; sys.exit(sys.version_info < (3, 11))'
+VENV_OK = $(VPY) $(PY_OK) 2>/dev/null || { echo "make install: $(VENV) exists but $(VPY) does not run Python >= 3.11 \
+(its interpreter is missing or too old): remove it with 'rm -rf $(VENV)' and run make again."; exit 1; }
+
 install: $(STAMP)
+	@$(VENV_OK)
 
 $(STAMP):
-	@test -x $(VPY) || $(PYTHON) -m venv $(VENV) \
-		|| { echo "make install: '$(PYTHON) -m venv $(VENV)' failed (see above)"; exit 1; }
+	@if [ -e $(VPY) ] || [ -L $(VPY) ]; then $(VENV_OK); \
+	else \
+		$(PYTHON) $(PY_OK) 2>/dev/null || { echo "make install: PYTHON=$(PYTHON) is not Python >= 3.11 (what the pinned \
+trl and transformers need): run make with PYTHON=python3.11 (or newer)."; exit 1; }; \
+		$(PYTHON) -m venv $(VENV) || { echo "make install: '$(PYTHON) -m venv $(VENV)' failed (see above)"; exit 1; }; \
+	fi
 	$(VPY) -m pip install --upgrade pip \
 		|| { echo "make install: could not upgrade pip in $(VENV) (see above)"; exit 1; }
 	@if $(VPY) -c "import torch" 2>/dev/null; then \

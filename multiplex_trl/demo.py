@@ -36,14 +36,84 @@ def positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every other refusal of the demo (argparse printed its usage first)
+        print(f"make demo: {message} (options: python -m multiplex_trl.demo --help).", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m multiplex_trl.demo", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m multiplex_trl.demo", description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default=str(RECIPE), help="the demo recipe (YAML)")
     p.add_argument("--output", default="outputs/demo", help="where runs, report.md and training.png go")
-    p.add_argument("--width", type=positive_int, default=None, help="override multiplex_width of the recipe")
+    p.add_argument(
+        "--width", type=positive_int, default=None, help="override multiplex_width of the recipe (--compare: vs 1)"
+    )
     p.add_argument("--max_steps", type=positive_int, default=None, help="override max_steps of the recipe")
     p.add_argument("--compare", action="store_true", help="run width 1 and width 3 from the same seed, one chart")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.compare and args.width == 1:  # it was ignored: --compare always ran widths 1 and 3
+        p.error("argument --width: --compare runs width 1 against --width (default 3), so give --width >= 2")
+    return args
+
+
+def read_recipe(path: Path) -> dict:
+    """The recipe as a dict, or one line naming what is wrong with the file."""
+    if not path.is_file():
+        fail(
+            f"recipe {path} not found." if not path.exists() else f"--recipe {path} is not a file: give a YAML recipe."
+        )
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        fail(f"--recipe {path}: cannot read it as YAML ({' '.join(str(error).split())}): fix the file.")
+    if not isinstance(recipe, dict):
+        fail(f"--recipe {path}: a recipe is a YAML mapping of training options, got {type(recipe).__name__}.")
+    return recipe
+
+
+def check_training_settings(recipe_path: Path, output: Path, runs: list[dict]) -> dict:
+    """Parse and check the recipe with each run's overrides as the training script will, before any model loads (a
+    bad value failed in the training subprocess, after the base model had loaded and generated). Returns the recipe's
+    settings the report uses, with the training script's defaults filled in."""
+    try:
+        from .grpo import ConfigError, parse_args, validate
+        from .rewards import get_reward_funcs
+    except ImportError as error:
+        fail(f"the project is not installed ({error}); run `make install`.")
+
+    for overrides in runs:
+        argv = ["--config", str(recipe_path), "--output_dir", str(output / f"K{overrides['multiplex_width']}")]
+        for key, value in overrides.items():
+            argv += [f"--{key}", str(value)]
+        try:
+            script_args, training_args, model_args = parse_args(argv)
+            validate(script_args, training_args, model_args)
+            get_reward_funcs(script_args.reward_funcs)
+        except ValueError as error:  # ConfigError, an unknown reward name
+            message = str(error) if isinstance(error, ConfigError) else " ".join(str(error).split())
+            fail(f"--recipe {recipe_path}: {message}")
+    return {
+        "dataset_name": script_args.dataset_name,
+        "dataset_config": script_args.dataset_config,
+        "prompt_template": script_args.prompt_template,
+        "seed": training_args.seed,
+        "thinking_end": training_args.thinking_end,
+        "max_thinking_tokens": training_args.max_thinking_tokens,
+        "max_completion_length": training_args.max_completion_length,
+        "temperature": training_args.temperature,
+    }
+
+
+def check_output(output: Path) -> None:
+    """--output must be a folder this user can write (or create), checked before any model loads."""
+    if output.exists() and not output.is_dir():
+        fail(f"--output {output} is a file, not a folder: give a folder for the runs and the report.")
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--output {output}: {existing} is not a writable folder: give a folder you can write.")
 
 
 def fail(message: str) -> None:
@@ -68,6 +138,7 @@ def train(recipe: str, output_dir: Path, overrides: dict) -> list[dict]:
         "--dynamo_backend",
         "no",
         "--cpu",
+        "--quiet",  # a failed run's own error is the message: no CalledProcessError traceback of the launcher
         "-m",
         "multiplex_trl.grpo",
         "--config",
@@ -88,16 +159,24 @@ def train(recipe: str, output_dir: Path, overrides: dict) -> list[dict]:
 
 def held_out_problems(recipe: dict) -> list[dict]:
     """A few problems from the same task, drawn from the test seed (not trained on)."""
+    import datasets
+
     from .data import load_prompts
 
-    ds = load_prompts(
-        recipe["dataset_name"],
-        dataset_config=recipe.get("dataset_config"),
-        split="test",
-        prompt_template=recipe.get("prompt_template"),
-        max_samples=HELD_OUT,
-        seed=recipe.get("seed", 0),
-    )
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a bar for 4 prompts, on stderr before a one-line refusal
+    try:
+        ds = load_prompts(
+            recipe["dataset_name"],
+            dataset_config=recipe.get("dataset_config"),
+            split="test",
+            prompt_template=recipe.get("prompt_template"),
+            max_samples=HELD_OUT,
+            seed=recipe.get("seed", 0),
+        )
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
     return [{"prompt": row["prompt"], "answer": row["answer"]} for row in ds]
 
 
@@ -181,28 +260,36 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
     recipe_path = Path(args.recipe)
-    if not recipe_path.exists():
-        fail(f"recipe {recipe_path} not found.")
-    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe = read_recipe(recipe_path)
+    output = Path(args.output)
+    widths = [1, args.width or 3] if args.compare else [args.width or recipe.get("multiplex_width", 3)]
+    runs_overrides = [
+        {"multiplex_width": width, **({"max_steps": args.max_steps} if args.max_steps is not None else {})}
+        for width in widths
+    ]
     try:
         from .models import prepare_demo_model
     except ImportError as error:
         fail(f"the project is not installed ({error}); run `make install`.")
+    # Everything that can be checked without a model is checked before one is converted or loaded.
+    recipe = {**recipe, **check_training_settings(recipe_path, output, runs_overrides)}
+    check_output(output)
+    try:
+        problems = held_out_problems(recipe)
+    except ValueError as error:  # the recipe's dataset settings: one line, before any model loads
+        fail(str(error))
     try:
         model_path = prepare_demo_model()
     except (ModuleNotFoundError, OSError) as error:
         fail(str(error))
 
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    # A run that fails must not leave the last run's report and chart looking like its own.
-    for stale in ("report.md", "training.png"):
-        (output / stale).unlink(missing_ok=True)
-    widths = [1, 3] if args.compare else [args.width or recipe.get("multiplex_width", 3)]
     try:
-        problems = held_out_problems(recipe)
-    except ValueError as error:  # the recipe's dataset settings: one line, before any model loads
-        fail(str(error))
+        output.mkdir(parents=True, exist_ok=True)
+        # A run that fails must not leave the last run's report and chart looking like its own.
+        for stale in ("report.md", "training.png"):
+            (output / stale).unlink(missing_ok=True)
+    except OSError as error:
+        fail(f"--output {output}: {error.strerror or error}: give a folder you can write.")
     report = [
         f"# Multiplex GRPO demo: {Path(model_path).name}\n",
         f"Recipe `{recipe_path}`; task `{recipe['dataset_name']}`; marker `{recipe['thinking_end']}` "
@@ -213,15 +300,12 @@ def main(argv=None) -> int:
     before = show_completions(model_path, recipe, problems, max(widths))
 
     runs = {}
-    for width in widths:
-        overrides = {"multiplex_width": width}
-        if args.max_steps is not None:
-            overrides["max_steps"] = args.max_steps
+    for overrides in runs_overrides:
+        width = overrides["multiplex_width"]
         name = "discrete (K=1)" if width == 1 else f"multiplex (K={width})"
         print(f"\n== Training {name}", flush=True)
         runs[name] = train(str(recipe_path), output / f"K{width}", overrides)
 
-    plot(runs, output / "training.png")
     trained = str(output / f"K{max(widths)}")
     print(f"After training: the same problems, width {max(widths)}", flush=True)
     after = show_completions(trained, recipe, problems, max(widths))
@@ -246,6 +330,8 @@ def main(argv=None) -> int:
         "Branching positions are shown as `[token:weight|token:weight]`: the distinct slots that were merged "
         "into that position's input embedding.",
     ]
+    # Chart and report only once everything ran: a run stopped in the last step left this run's chart alone.
+    plot(runs, output / "training.png")
     (output / "report.md").write_text("\n".join(report) + "\n")
     print("\n" + "\n".join(line for line in report if line.startswith("|")))
     print(f"\nReport: {output / 'report.md'} (chart: {output / 'training.png'}), {time.time() - start:.0f} s total.")

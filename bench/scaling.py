@@ -26,6 +26,33 @@ WIDTH_SWEEP_LENGTH = {"cpu": 256, "cuda": 1024}
 DEFAULT_MODELS = {"cpu": ["tiny"], "cuda": ["tiny"]}
 
 
+def clocked(model, device, run, record: list[float]):
+    """`run` with the model's forward timed (common.ForwardClock, hooks only during this call); appends each call's
+    forward seconds to `record`."""
+
+    def call():
+        with common.ForwardClock(model, device) as clock:
+            run()
+        record.append(clock.take())
+
+    return call
+
+
+def sweep_variants(model, runs: dict, forwards: dict, device) -> dict:
+    """The length sweep's callables. The forward clock synchronises the device before and after every forward; on a
+    GPU that stops the host from queueing ahead and would slow the very rollouts it splits, so there the totals come
+    from plain calls and the forward/loop split from separate clocked calls ('NAME (clocked)'), interleaved with
+    them. On a CPU a sync does nothing, and one clocked call gives both."""
+    variants = {}
+    for name, run in runs.items():
+        if common.on_cuda(device):
+            variants[name] = run
+            variants[f"{name} (clocked)"] = clocked(model, device, run, forwards[name])
+        else:
+            variants[name] = clocked(model, device, run, forwards[name])
+    return variants
+
+
 def main():
     p = common.base_parser(__doc__)
     p.add_argument("--batch", type=int, default=8)
@@ -49,14 +76,14 @@ def main():
         for length in lengths:
             runs = engines(model, prompts, mask, width=args.width, new_tokens=length, seed=args.seed)
             forwards = {k_name: [], "generate": []}
-            with common.ForwardClock(model, device) as clock:
-                variants = {name: clock.timed(runs[name], forwards[name]) for name in forwards}
-                times = common.time_interleaved(variants, reps=args.reps, warmup=args.warmup, device=device)
+            variants = sweep_variants(model, {name: runs[name] for name in forwards}, forwards, device)
+            times = common.time_interleaved(variants, reps=args.reps, warmup=args.warmup, device=device)
             row = {"model": label, "batch": args.batch, "length": length}
             tokens = args.batch * length
-            for name, ts in times.items():
-                fwd = forwards[name][args.warmup :]  # the timed rounds' calls, in the same order as `ts`
-                loop = common.median([total - f for total, f in zip(ts, fwd)]) / tokens
+            for name in forwards:
+                ts, clocked = times[name], times.get(f"{name} (clocked)", times[name])
+                fwd = forwards[name][args.warmup :]  # the timed rounds' clocked calls, in the same order as `clocked`
+                loop = common.median([total - f for total, f in zip(clocked, fwd)]) / tokens
                 per_token = common.median(ts) / tokens
                 base.setdefault(name, (per_token, loop))
                 row[f"{name} s"] = common.median(ts)
@@ -95,7 +122,8 @@ def main():
         f"Medians of {args.reps} interleaved rounds; ratios are medians of per-round ratios. us/token = seconds / "
         "(batch * completion length); 'vs shortest' divides by the same engine's per-token cost at the shortest "
         "length (1.0 everywhere = time linear in length).",
-        "'loop' is the time outside the model's forward (timed with forward hooks in the same calls): sampling, "
+        "'loop' is the time outside the model's forward (timed with forward hooks; on a GPU in separate calls "
+        "interleaved with the timed ones, as the hooks synchronise the device at every forward): sampling, "
         "bookkeeping, cache and mask updates. The loop's work per step does not grow with length: it issues the same "
         "aten ops at every step of every length (tests/test_rollout.py, the loop-cost test). Where its time per token "
         "still rises at long lengths (and `generate`'s loop's with it), that is the host: the forward streams a "

@@ -8,6 +8,8 @@ pass's most expensive case). Each trainer then runs its own `_compute_loss` + `b
 - `TRL GRPOTrainer`: TRL's fused-LM-head pass on slot 0 (the discrete tokens a K=1 rollout would have produced).
 Gradients stay allocated between calls (they accumulate; the optimizer never steps), so the peak-memory increment is
 what one step adds on top of weights + gradients.
+Gradient checkpointing is on for every trainer, as `train()` turns it on with TRL's default GRPOConfig
+(--no-gradient-checkpointing: off).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/train_step.py                  # CPU defaults, < 3 min
     .venv/bin/python bench/train_step.py --device cuda --batch 16 --completion-len 1024
@@ -15,6 +17,7 @@ what one step adds on top of weights + gradients.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import tempfile
 
@@ -38,8 +41,34 @@ def _reward(completions, **kwargs):
     return [0.0] * len(completions)
 
 
-def build_trainers(model, tok, *, width: int, completion_len: int, batch: int, device, bf16: bool, out: str):
-    """{variant: trainer}, each on its own copy of `model` (float32 weights; bf16 means autocast, as in training)."""
+def checkpoint_as_in_training(trainer) -> None:
+    """Turn on activation (gradient) checkpointing the way `Trainer.train()` does when the config asks for it (TRL's
+    GRPOConfig does by default). The bench calls `_compute_loss` directly, never `train()`, so without this the step
+    would run without checkpointing: not the step a training run takes (other activation memory, no recompute)."""
+    args = trainer.args
+    if not args.activation_checkpointing:
+        return
+    kwargs = dict(args.activation_checkpointing_kwargs or {})
+    every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+    trainer.model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+    )
+
+
+def build_trainers(
+    model,
+    tok,
+    *,
+    width: int,
+    completion_len: int,
+    batch: int,
+    device,
+    bf16: bool,
+    out: str,
+    gradient_checkpointing: bool = True,
+):
+    """{variant: trainer}, each on its own copy of `model` (float32 weights; bf16 means autocast, as in training),
+    with gradient checkpointing on or off for all of them, as `train()` would set it."""
     common_args = {
         "output_dir": out,
         "per_device_train_batch_size": batch,
@@ -50,6 +79,7 @@ def build_trainers(model, tok, *, width: int, completion_len: int, batch: int, d
         "report_to": "none",
         "beta": 0.0,
         "save_strategy": "no",
+        "gradient_checkpointing": gradient_checkpointing,
     }
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "hi"}]] * batch})
     trainers = {}
@@ -66,6 +96,7 @@ def build_trainers(model, tok, *, width: int, completion_len: int, batch: int, d
             processing_class=tok,
         )
         tr.model.train()
+        checkpoint_as_in_training(tr)
         tr.current_gradient_accumulation_steps = 1
         trainers[name] = tr
     return trainers
@@ -136,6 +167,12 @@ def main():
     p.add_argument("--prompt-len", type=int, default=None, help="default: see SIZES")
     p.add_argument("--completion-len", type=int, default=None, help="default: see SIZES")
     p.add_argument("--width", type=int, default=3, help="the multiplex K")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every trainer steps with gradient checkpointing on, as a training run with TRL's default GRPOConfig does",
+    )
     p.set_defaults(reps=5)  # steps of the tiny model take milliseconds: more rounds for a steadier ratio
     args = p.parse_args()
     device, dtype = common.setup(args, "train_step")
@@ -160,6 +197,7 @@ def main():
                 device=device,
                 bf16=bf16,
                 out=out,
+                gradient_checkpointing=args.gradient_checkpointing,
             )
             inputs = make_batches(trainers[k_name], args.width, batch, prompt_len, completion_len, device, args.seed)
             steps = {name: step_fn(tr, inputs[name]) for name, tr in trainers.items()}
@@ -167,6 +205,7 @@ def main():
             peaks = {name: common.peak_memory(fn, device) for name, fn in steps.items()}
             for name, tr in trainers.items():
                 row = {"model": label, "variant": name, "batch": batch, "prompt": prompt_len}
+                row["grad ckpt"] = "on" if tr.model.is_activation_checkpointing else "off"
                 row["completion"] = completion_len
                 row["ms/step"] = 1e3 * common.median(times[name])
                 row["time / TRL"] = common.paired_ratio(times[name], times["TRL GRPOTrainer"])
@@ -185,12 +224,23 @@ def main():
             del trainers, steps, inputs
         del model
 
-    columns = ["model", "variant", "batch", "prompt", "completion", "ms/step", "time / TRL", "time / TRL ±"]
+    columns = [
+        "model",
+        "variant",
+        "grad ckpt",
+        "batch",
+        "prompt",
+        "completion",
+        "ms/step",
+        "time / TRL",
+        "time / TRL ±",
+    ]
     columns += ["peak MiB above weights+grads", "increment / TRL", "peak MiB incl. own weights+grads", "peak / TRL"]
     columns += ["targets"]
     notes = [
         f"ms/step: median of {args.reps} interleaved rounds of `_compute_loss` + `backward()` (TRL's default loss "
-        "'dapo', beta 0, entropies computed as TRL does); time / TRL is the median of per-round ratios, ± half their "
+        "'dapo', beta 0, entropies computed as TRL does; gradient checkpointing as in `train()`: TRL's default on, "
+        "--no-gradient-checkpointing for off); time / TRL is the median of per-round ratios, ± half their "
         "range.",
         f"Every completion position is a thinking position, so {k_name} scores {args.width} slots everywhere.",
         f"targets for {k_name}: time / TRL <= 1.10 and peak-memory ratio <= 1.10 (issue 7), judged on the increment "

@@ -131,3 +131,58 @@ def test_each_bench_script_writes_its_tables(name, tmp_path):
     first = next(iter(payload["tables"].values()))
     for column in RATIOS.get(name, []):
         assert all(row[column] > 0 for row in first), column
+
+
+def test_train_step_trainers_step_as_a_training_run_does(tmp_path):
+    """Every trainer of bench/train_step.py steps with the settings `train()` would use: gradient checkpointing on as
+    TRL's GRPOConfig defaults it (the bench calls `_compute_loss` directly, so nothing else turns it on), and the same
+    loss settings for all three."""
+    import train_step
+
+    device = torch.device("cpu")
+    model, tok, _ = common.load_model("tiny", device, torch.float32)
+    sizes = {"width": 3, "completion_len": 4, "batch": 2, "device": device, "bf16": False, "out": str(tmp_path)}
+    for checkpointing, off in ((True, {}), (False, {"gradient_checkpointing": False})):  # the default: on
+        trainers = train_step.build_trainers(model, tok, **sizes, **off)
+        assert [tr.model.is_activation_checkpointing for tr in trainers.values()] == [checkpointing] * 3
+        settings = {
+            (tr.loss_type, tr.beta, tr.num_iterations, tr.importance_sampling_level, tr.temperature, tr.epsilon_low)
+            + (tr.epsilon_high, tr.top_entropy_quantile, tr.use_vllm, tr.args.cast_lm_head_to_fp32, tr.model.training)
+            for tr in trainers.values()
+        }
+        assert len(settings) == 1, settings
+
+
+def test_scaling_totals_are_timed_without_the_forward_clock_on_cuda(monkeypatch):
+    """The forward clock synchronises the device at every forward: on a GPU the length sweep's totals come from plain
+    calls, and only the separate '(clocked)' calls carry its syncs (two per forward). On a CPU one clocked call does
+    both. Counted with a stand-in `common.sync` (the model stays on the CPU)."""
+    import scaling
+    from rollout import engines
+
+    syncs = []
+    monkeypatch.setattr(common, "sync", lambda device: syncs.append(device.type))
+    model, _, _ = common.load_model("tiny", torch.device("cpu"), torch.float32)
+    prompts, mask = common.random_prompts(model.config.vocab_size, 2, 4, "cpu")
+    new_tokens = 5
+    runs = engines(model, prompts, mask, width=3, new_tokens=new_tokens, seed=0)
+    runs = {name: runs[name] for name in ("multiplex K=3", "generate")}
+
+    forwards = {name: [] for name in runs}
+    variants = scaling.sweep_variants(model, runs, forwards, torch.device("cuda"))
+    assert set(variants) == {"multiplex K=3", "generate", "multiplex K=3 (clocked)", "generate (clocked)"}
+    for name in runs:
+        syncs.clear()
+        variants[name]()
+        assert syncs == [] and forwards[name] == []  # the timed call: no hook, no sync
+        variants[f"{name} (clocked)"]()
+        assert len(syncs) == 2 * new_tokens and len(forwards[name]) == 1  # prefill + new_tokens - 1 decode steps
+    syncs.clear()
+    variants["generate"]()
+    assert syncs == []  # the clocked call removed its hooks
+
+    forwards = {name: [] for name in runs}
+    variants = scaling.sweep_variants(model, runs, forwards, torch.device("cpu"))
+    assert set(variants) == set(runs)
+    variants["multiplex K=3"]()
+    assert len(forwards["multiplex K=3"]) == 1

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import yaml
 from transformers import AutoTokenizer
+from transformers.trainer import TRAINER_STATE_NAME  # what every checkpoint the Trainer saves holds
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
@@ -103,8 +104,6 @@ FINISHED_RUN_FILES = (
     "pytorch_model.bin",
     "adapter_model.safetensors",
 )
-# What every checkpoint the Trainer saves holds (transformers.trainer.TRAINER_STATE_NAME).
-TRAINER_STATE_NAME = "trainer_state.json"
 # Exit status of a run stopped by SIGTERM (128 + 15, the shell's convention): its checkpoint is saved, it is not done.
 PREEMPTED_EXIT = 143
 

@@ -300,8 +300,12 @@ def check_marker(tokenizer, prompts: list[list[int]], thinking_end: str):
 def check_decodable(tokenizer, conversations: list[list[dict]], thinking_end: str) -> None:
     """What only the tokenizer can refuse (no chat template, an unusable marker, prompts that close thinking), for
     every prompt at once: eval checks it before it writes anything to its output folder."""
-    input_ids, attention_mask = encode_prompts(tokenizer, conversations, "cpu")
-    check_marker(tokenizer, [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)], thinking_end)
+    check_marker(tokenizer, unpadded(*encode_prompts(tokenizer, conversations, "cpu")), thinking_end)
+
+
+def unpadded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Each left-padded prompt's ids without its padding."""
+    return [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -324,7 +328,7 @@ def decode_batch(
     """One batched rollout of `decoding`'s mixer over `conversations` (one row each) -> one Sample per row."""
     device = next(model.parameters()).device
     input_ids, attention_mask = encode_prompts(tokenizer, conversations, device)
-    prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+    prompts = unpadded(input_ids, attention_mask)
     marker, automaton = check_marker(tokenizer, prompts, decoding.thinking_end)
     with global_rng_from(generator):
         rollout = multiplex_generate(

@@ -114,10 +114,39 @@ def rollout_gap(trainer) -> float | None:
     return (recomputed - r.logprobs).abs().max().item()
 
 
+_ROLLOUTS: list[dict] = []
+
+
+def record_rollouts() -> None:
+    """Count each training rollout's thinking positions, their distinct slots, branched positions, rows and rows that
+    closed thinking themselves, by hand (Python sets), to check the logged `multiplex/*` metrics against."""
+    from multiplex_trl import MultiplexGRPOTrainer
+
+    generate = MultiplexGRPOTrainer._multiplex_generate
+
+    def recorded(self, *args, **kwargs):
+        rollout = generate(self, *args, **kwargs)
+        if self.model.training:
+            counts = {"think": 0, "distinct": 0, "branched": 0, "rows": rollout.ids.size(0), "closed": 0}
+            for ids, think, closed, forced in zip(
+                rollout.ids.tolist(), rollout.thinking_mask.tolist(), rollout.closed.tolist(), rollout.forced_mask
+            ):
+                slots = [set(position) for position, t in zip(ids, think) if t]
+                counts["think"] += len(slots)
+                counts["distinct"] += sum(len(s) for s in slots)
+                counts["branched"] += sum(len(s) > 1 for s in slots)
+                counts["closed"] += closed and not bool(forced.any())
+            _ROLLOUTS.append(counts)
+        return rollout
+
+    MultiplexGRPOTrainer._multiplex_generate = recorded
+
+
 def _main(argv: list[str]) -> int:
     from multiplex_trl import grpo, hub
 
     register_test_reward()
+    record_rollouts()
     finish_training = hub.finish_training
 
     def finish_with_digest(trainer, **kwargs):
@@ -129,6 +158,12 @@ def _main(argv: list[str]) -> int:
             "world_size": trainer.accelerator.num_processes,
             "losses": losses,
             "weights": weights,
+            "rollouts": list(_ROLLOUTS),
+            "metrics": [
+                {k: v for k, v in e.items() if k.startswith("multiplex/")}
+                for e in trainer.state.log_history
+                if "loss" in e
+            ],
             "rollout_gap": rollout_gap(trainer),
         }
         with open(os.path.join(out, f"rank{trainer.accelerator.process_index}.json"), "w") as f:

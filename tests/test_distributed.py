@@ -101,6 +101,17 @@ def test_two_processes_train_the_same_model(run, tmp_path, tiny_model_dir):
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert rank0["losses"] == rank1["losses"] and len(rank0["losses"]) == 2
     assert rank0["weights"] == rank1["weights"], "the ranks hold different weights"
+    for step, (a, b) in enumerate(zip(rank0["rollouts"], rank1["rollouts"], strict=True)):
+        # TRL's metrics are means over every rank's rows: the multiplex ones too, not rank 0's own rollouts
+        both = {k: a[k] + b[k] for k in a}
+        expected = {
+            "multiplex/branch_rate": both["branched"] / both["think"],
+            "multiplex/distinct_per_step": both["distinct"] / both["think"],
+            "multiplex/thinking_length": both["think"] / both["rows"],
+            "multiplex/closed_thinking_rate": both["closed"] / both["rows"],
+        }
+        for rank in ranks:
+            assert rank["metrics"][step] == pytest.approx(expected, rel=1e-6), (step, rank["metrics"][step], expected)
     if "--multiplex_compile" in flags:
         assert rank0["rollout_gap"] < 1e-5 and rank1["rollout_gap"] < 1e-5, (
             rank0["rollout_gap"],

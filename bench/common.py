@@ -48,13 +48,16 @@ def str_list(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
-def base_parser(doc: str) -> argparse.ArgumentParser:
-    """Flags every script shares; scripts add their own sizes."""
+def base_parser(doc: str, reps: int | None = None) -> argparse.ArgumentParser:
+    """Flags every script shares; scripts add their own sizes. `reps`: the script's own number of rounds on every
+    device (None: 3 on cpu, 5 on cuda)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32 or bfloat16")
     p.add_argument("--models", type=str_list, default=None, help=f"comma list of {MODELS}")
-    p.add_argument("--reps", type=int, default=None, help="timed rounds per variant (default: 3 on cpu, 5 on cuda)")
+    # A script's own default shows as argparse's "(default: N)"; the per-device one only where it applies.
+    per_device = " (default: 3 on cpu, 5 on cuda)" if reps is None else ""
+    p.add_argument("--reps", type=int, default=reps, help="timed rounds per variant" + per_device)
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before the rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="results file stem (default: the script name, plus '-cuda' on cuda)")

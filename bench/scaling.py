@@ -54,14 +54,13 @@ def sweep_variants(model, runs: dict, forwards: dict, device) -> dict:
 
 
 def main():
-    p = common.base_parser(__doc__)
+    p = common.base_parser(__doc__, reps=5)  # cheap calls: more rounds for steadier per-token figures
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--lengths", type=common.int_list, default=None, help=f"completion lengths; default {LENGTHS}")
     p.add_argument("--widths", type=common.int_list, default=[1, 2, 3, 6])
     p.add_argument("--width", type=int, default=3, help="K of the length sweep")
     p.add_argument("--width-length", type=int, default=None, help=f"length of the K sweep; {WIDTH_SWEEP_LENGTH}")
-    p.set_defaults(reps=5)  # cheap calls: more rounds for steadier per-token figures
     args = p.parse_args()
     device, dtype = common.setup(args, "scaling", models=DEFAULT_MODELS)
     lengths = args.lengths or LENGTHS[device.type]

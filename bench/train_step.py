@@ -162,7 +162,7 @@ def resident_bytes(model) -> int:
 
 
 def main():
-    p = common.base_parser(__doc__)
+    p = common.base_parser(__doc__, reps=5)  # steps of the tiny model take milliseconds: more rounds, steadier ratio
     p.add_argument("--batch", type=int, default=None, help="default: per device and model, see SIZES in this file")
     p.add_argument("--prompt-len", type=int, default=None, help="default: see SIZES")
     p.add_argument("--completion-len", type=int, default=None, help="default: see SIZES")
@@ -173,7 +173,6 @@ def main():
         default=True,
         help="every trainer steps with gradient checkpointing on, as a training run with TRL's default GRPOConfig does",
     )
-    p.set_defaults(reps=5)  # steps of the tiny model take milliseconds: more rounds for a steadier ratio
     args = p.parse_args()
     device, dtype = common.setup(args, "train_step")
     if device.type == "cpu" and dtype != torch.float32:

@@ -186,3 +186,26 @@ def test_scaling_totals_are_timed_without_the_forward_clock_on_cuda(monkeypatch)
     assert set(variants) == set(runs)
     variants["multiplex K=3"]()
     assert len(forwards["multiplex K=3"]) == 1
+
+
+# (script, what --help says of --reps, what it must not say): train_step and scaling run 5 rounds on every device.
+REPS_HELP = [
+    ("train_step.py", "(default: 5)", "3 on cpu"),
+    ("scaling.py", "(default: 5)", "3 on cpu"),
+    ("rollout.py", "(default: 3 on cpu, 5 on cuda)", "(default: 5)"),
+]
+
+
+@pytest.mark.parametrize("script, says, not_says", REPS_HELP, ids=[s for s, *_ in REPS_HELP])
+def test_help_states_the_rounds_each_script_runs(script, says, not_says):
+    """`--help` names the number of timed rounds the script really runs."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), "--help"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "1000"},  # one line per option
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (reps,) = [line for line in done.stdout.splitlines() if line.strip().startswith("--reps")]
+    assert says in reps and not_says not in reps, reps

@@ -84,10 +84,10 @@ class MultiplexGRPOConfig(GRPOConfig):
         default=False,
         metadata={
             "help": "Compile the rollout's decode step with torch.compile (CUDA graphs on a GPU). Needs "
-            "cache_implementation='static' (a preallocated KV cache with fixed shapes). Same rollouts as the default "
-            "loop up to rounding; compiles again only for another batch size, a longer cache or other sampling "
-            "options (temperature, top-k/p, min-p). Not with ZeRO-3 or FSDP (parameters are gathered anew for every "
-            "generation)."
+            "cache_implementation='static' (a preallocated KV cache with fixed shapes). Same rollouts as the static "
+            "loop without it, up to rounding; compiles again only for another batch size, a longer cache or other "
+            "sampling options (temperature, top-k/p, min-p). Not with ZeRO-3 or FSDP (parameters are gathered anew "
+            "for every generation)."
         },
     )
 

@@ -265,6 +265,7 @@ def evaluate(
     """
     check_count("n", n)
     check_count("batch_size", batch_size)  # before the output folder: a refused run leaves no results.json
+    check_engine(cache_implementation, compile)
     # So is what only the tokenizer shows (no chat template, an unusable marker, prompts that close thinking): a
     # results.json left by a refused run recorded its settings, and the corrected rerun was refused as a resume.
     for dataset, rows in problems.items():

@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 
 import yaml
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from transformers.trainer import TRAINER_STATE_NAME  # what every checkpoint the Trainer saves holds
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
@@ -31,6 +31,7 @@ from .data import load_prompts
 from .inference import find_model
 from .markers import closing_rule
 from .rewards import check_reward_columns, get_reward_funcs
+from .static_decode import check_decode_model
 from .trainer import MultiplexGRPOTrainer
 
 
@@ -262,6 +263,26 @@ def validate(script_args: ScriptArguments, training_args: MultiplexGRPOConfig, m
         raise ConfigError(str(error)) from error
 
 
+def _check_decode_model(model_path: str, model_args: ModelConfig, training_args: MultiplexGRPOConfig) -> None:
+    """The static cache against the model's config (`static_decode.check_decode_model`; an unreadable config is
+    left to the model's loading to report)."""
+    try:
+        config = AutoConfig.from_pretrained(
+            model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return
+    try:
+        check_decode_model(
+            config,
+            training_args.cache_implementation,
+            training_args.multiplex_compile,
+            1 + training_args.max_completion_length,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
 def main(argv: list[str] | None = None) -> str:
     """Parse, check, load data and rewards, train, save (and push). Returns the saved model folder."""
     script_args, training_args, model_args = parse_args(argv)
@@ -289,6 +310,8 @@ def main(argv: list[str] | None = None) -> str:
             f"(generation_batch_size {training_args.generation_batch_size} / num_generations "
             f"{training_args.num_generations}): no step could run; give more prompts or a smaller batch."
         )
+    if training_args.cache_implementation == "static":  # the trainer checks it too, but once the model has loaded
+        _check_decode_model(model_path, model_args, training_args)
     resume = resume_checkpoint(training_args)
     if resume:
         _check_resume_settings(resume, training_args)

@@ -31,7 +31,7 @@ from .mixers import MIXERS, Mixer, get_mixer
 from .mixers.base import constructor_defaults
 from .models import DEMO_MODEL_ALIASES, resolve_model_name_or_path
 from .rollout import multiplex_generate
-from .static_decode import check_compiled_window, check_decode_options
+from .static_decode import check_decode_model, check_decode_options
 
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's maximum response length (thinking and answer together)
@@ -441,6 +441,7 @@ def generate(
     check_engine(cache_implementation, compile)
     if isinstance(model_or_path, (str, os.PathLike)):
         path = find_model(str(model_or_path), revision)
+        check_engine(cache_implementation, compile, path, max_new_tokens)  # the model's window, before it loads
         saved = load_multiplex_settings(path)
     else:
         model, saved = model_or_path, None
@@ -485,17 +486,18 @@ def check_engine(
 ) -> None:
     """The decode-loop options, checked before any model loads (UsageError: the CLIs print it in one line).
 
-    With `path`, --compile is also checked against the model's config: a sliding window that a one-token prompt
-    plus `max_new_tokens` overflows (the rollout checks the real prompts again).
+    With `path`, the static cache is also checked against the model's config (`static_decode.check_decode_model`:
+    attention it cannot decode; for --compile, a sliding window that a one-token prompt plus `max_new_tokens`
+    overflows; the rollout checks the real prompts again).
     """
     try:
         check_decode_options(cache_implementation, compile)
-        if compile and path is not None:
+        if cache_implementation == "static" and path is not None:
             try:
                 config = AutoConfig.from_pretrained(path)
             except (OSError, ValueError):  # no readable config: loading the model reports it, the rollout checks
                 return
-            check_compiled_window(config, 1 + max_new_tokens)
+            check_decode_model(config, cache_implementation, compile, 1 + max_new_tokens)
     except ValueError as error:
         raise UsageError(str(error)) from None
 

@@ -11,7 +11,13 @@ from .markers import token_automaton
 from .mixers import Mixer, get_mixer
 from .mixers.base import draw_token
 from .sampling import decode_step, prepare_logits
-from .static_decode import check_decode_options, compiled_decode_step, static_cache
+from .static_decode import (
+    check_decode_options,
+    check_static_attention,
+    compiled_decode_step,
+    has_recurrent_layers,
+    static_cache,
+)
 
 
 # The static loop asks the device "are all rows done?" only every this many steps, so the host can queue the next
@@ -75,8 +81,9 @@ def multiplex_generate(
     `cache_implementation="static"` decodes with a preallocated KV cache and fixed shapes instead: finished rows
     stay in the batch (their positions are simply not stored), and the end check (a host sync) runs every
     `STATIC_STOP_CHECK_EVERY` steps. `compile=True` then runs each decode step (`sampling.decode_step`: slot merge,
-    forward, next logits' temperature and filters) through `torch.compile` (CUDA graphs on a GPU). Both give the
-    same rollout as the default loop up to floating-point rounding (tests/test_fast_decode.py).
+    forward, next logits' temperature and filters) through `torch.compile` (CUDA graphs on a GPU). Both draw what the
+    default loop draws, up to floating-point rounding, until a row finishes (the default loop then samples a smaller
+    batch: other random numbers, same distribution; tests/test_fast_decode.py).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}.")
@@ -93,6 +100,8 @@ def multiplex_generate(
             f"{limit}: shorten the prompts or lower max_new_tokens."
         )
     static = cache_implementation == "static"
+    if static:
+        check_static_attention(model.config)
     if isinstance(mixer, str):
         mixer = get_mixer(mixer, width, **({"merge": merge} if mixer == "multiplex" else {}))
     # Per-slot log-prob coefficients at mixed positions: the method's likelihood, or a plain sum if it has none.
@@ -142,9 +151,12 @@ def multiplex_generate(
             cache, cache_len = static_cache(model.config, prompt_len + max_new_tokens)
         mask = torch.cat([mask, mask.new_zeros(batch, cache_len - mask.size(1))], dim=-1)
         alive = torch.ones(batch, dtype=torch.bool, device=device)
+    # The static prefill's mask spans the cache (ALiBi models build their bias from its length), but recurrent layers
+    # (mamba, conv, linear attention) zero the prompt's padding with the mask's last P columns, the cache's empty tail
+    # there: a model with such layers prefills with the prompts' own mask, as the eager loop does.
     out = model(
         input_ids=input_ids,
-        attention_mask=mask if static else attention_mask,
+        attention_mask=mask if static and not has_recurrent_layers(cache) else attention_mask,
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,

@@ -8,7 +8,12 @@ import weakref
 
 import torch
 from transformers import StaticCache
-from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    LinearAttentionCacheLayerMixin,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 
 from .sampling import decode_step
 
@@ -79,6 +84,30 @@ def static_cache(config, length: int):
     return cache, bucket
 
 
+def has_recurrent_layers(cache) -> bool:
+    """Whether a cache holds the states of recurrent layers (mamba, short convolutions, linear attention)."""
+    return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers)
+
+
+def check_static_attention(config) -> None:
+    """One-line error for attention that the static cache decodes wrongly: GPT-Neo's local layers cut their window
+    at the cache's length, not at the position (the default loop's cache is as long as the text: exact)."""
+    if "local" in (getattr(config.get_text_config(), "attention_layers", None) or []):
+        raise ValueError(
+            "cache_implementation='static' cannot decode this model: its local attention layers (attention_layers "
+            "'local', GPT-Neo) would place their window at the end of the cache instead of at the position, and "
+            "sample from another distribution: use the default decode loop (no cache_implementation='static')."
+        )
+
+
+def check_decode_model(config, cache_implementation: str | None, compile: bool, length: int) -> None:
+    """What a model's `config` refuses of the decode-loop options, for `length` positions (builds no tensors)."""
+    if cache_implementation == "static":
+        check_static_attention(config)
+    if compile:
+        check_compiled_window(config, length)
+
+
 def check_compiled_window(config, length: int) -> None:
     """One-line error when a compiled step would decode `length` positions into a cache that slides (it would
     recompile at every position). Builds no tensors."""
@@ -103,7 +132,8 @@ class CompiledDecode:
     so a new cache every rollout would record the graphs again every rollout (and torch keeps every recording,
     checking them all at each step). It only grows: a rollout that needs fewer positions than the kept cache decodes
     into it (the extra positions are masked), so prompts of varying lengths neither recompile nor re-record; a longer
-    one replaces it, and so does another batch size. The price is the cache's memory, held between rollouts.
+    one replaces it, and so does another batch size or a rollout under `torch.inference_mode` (its cache holds
+    inference tensors, which no rollout outside it may write). The price is the cache's memory, held between rollouts.
     A deep copy of the model (another policy) carries neither step nor cache: it compiles its own.
     """
 
@@ -129,7 +159,8 @@ class CompiledDecode:
         param = next(model.parameters())
         device_type = param.device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        key = (batch, param.device, param.dtype, autocast)
+        # A cache made under torch.inference_mode holds inference tensors, which cannot be updated outside it.
+        key = (batch, param.device, param.dtype, autocast, torch.is_inference_mode_enabled())
         if key == self.cache_key and length <= self.cache_len:
             self.cache.reset()
             return self.cache, self.cache_len

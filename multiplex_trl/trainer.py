@@ -29,7 +29,7 @@ from .markers import check_prompts_open_thinking, closing_rule
 from .mixers import mixer_from_config
 from .rewards import set_thinking_end
 from .rollout import multiplex_generate
-from .static_decode import check_compiled_window
+from .static_decode import check_decode_model
 
 
 # TRL hooks this trainer overrides, with the parameters it relies on (tests/test_trainer.py checks them against TRL).
@@ -239,8 +239,13 @@ class MultiplexGRPOTrainer(GRPOTrainer):
                     "the model has no input embeddings (get_input_embeddings() returned nothing): multiplex rollouts "
                     "feed merged token embeddings, so use a causal LM with an embedding layer."
                 )
-            if args.multiplex_compile:  # before training: a window that even the shortest prompt overflows
-                check_compiled_window(unwrap_model(self.model).config, 1 + args.max_completion_length)
+            # Before training: attention the static cache cannot decode, a window that the shortest prompt overflows
+            check_decode_model(
+                unwrap_model(self.model).config,
+                args.cache_implementation,
+                args.multiplex_compile,
+                1 + args.max_completion_length,
+            )
             add_multiplex_head(unwrap_model(self.model))
             if self.ref_model is not None:
                 add_multiplex_head(unwrap_model(self.ref_model))

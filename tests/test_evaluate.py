@@ -240,6 +240,21 @@ def test_evaluate_refuses_counts_below_one_before_writing(tmp_path, n, batch_siz
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        ({"cache_implementation": "offloaded"}, "cache_implementation must be one of"),
+        ({"compile": True}, "set cache_implementation='static'"),
+    ],
+    ids=["cache", "compile"],
+)
+def test_evaluate_refuses_bad_decode_options_before_writing(tmp_path, engine, message):
+    """They were refused only by the first rollout, after the output folder and its results.json were written."""
+    with pytest.raises(UsageError, match=message) as error:
+        evaluate.evaluate(None, None, {}, {}, n=1, ks=[1], output_dir=tmp_path / "out", **engine)
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
 def test_raising_n_draws_fresh_samples(eval_args, tmp_path, monkeypatch):
     """Samples added by a rerun with a larger n are new draws, not replays of the first ones' random stream."""
     args, out = eval_args

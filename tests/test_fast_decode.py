@@ -291,3 +291,70 @@ def test_bad_decode_options_fail_in_one_line(tok, kwargs, match):
     with pytest.raises(ValueError, match=match) as err:
         generate_rollout(tiny_model(tok).eval(), tok, ["x"], **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_compiled_decode_after_a_rollout_under_inference_mode(tok):
+    """A rollout under torch.inference_mode (an evaluation harness) left the kept cache holding inference tensors,
+    and the next rollout outside it failed updating them in place; it now decodes into a cache of its own."""
+    model = tiny_model(tok).eval()
+    kwargs = {"cache_implementation": "static", "temperature": 0.9, "max_new_tokens": 12}
+    questions = ["1+1?", "x"]
+    with torch.inference_mode():
+        generate_rollout(model, tok, questions, compile=True, **kwargs)
+    fast, _, _ = generate_rollout(model, tok, questions, compile=True, **kwargs)
+    assert not compiled_decode_step(model).cache.layers[0].keys.is_inference()
+    _assert_same(generate_rollout(model, tok, questions, **kwargs)[0], fast)
+
+
+def test_static_cache_prefills_a_hybrid_model_with_the_prompts_own_mask(tok):
+    """Recurrent layers (mamba, conv, linear attention) zero the prompt's padding with the last P columns of the 2D
+    mask; the static prefill gave them the mask of the whole cache, whose last columns are its empty tail, so every
+    prompt read as padding (a tiny Granite 4.0-H: log-probs 0.3 off, other tokens). Left-padded, it now decodes what
+    the eager loop decodes, exactly."""
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    from multiplex_trl.testing import _tiny
+
+    hybrid = {"layer_types": ["mamba", "attention"], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8}
+    hybrid.update(mamba_n_groups=1, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)
+    model = _tiny(
+        GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, tok, 0, hidden_size=32, num_hidden_layers=2, **hybrid
+    )
+    questions = ["1+1?", "what is two plus two?", "x"]
+    kwargs = {"temperature": 0.9, "max_new_tokens": 16, "max_thinking_tokens": 8}
+    eager, input_ids, mask = generate_rollout(model.eval(), tok, questions, **kwargs)
+    static, _, _ = generate_rollout(model, tok, questions, cache_implementation="static", **kwargs)
+    assert (mask == 0).any()
+    first_end = min(eager.lengths())
+    assert torch.equal(eager.ids[:, :first_end], static.ids[:, :first_end])
+    assert (recompute(model, input_ids, mask, static, temperature=0.9) - static.logprobs).abs().max().item() < 1e-5
+
+
+def _tiny_gpt_neo(tok):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoConfig(
+        hidden_size=32, num_layers=2, num_heads=4, vocab_size=len(tok), attention_types=[[["global", "local"], 1]],
+        window_size=6, max_position_embeddings=512, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    return GPTNeoForCausalLM(config).eval()
+
+
+def test_static_cache_refuses_local_attention_it_would_decode_wrongly(tmp_path, tok):
+    """GPT-Neo's local layers take their window from the rows of a mask buffer at the cache's length, not at the
+    position: with a static cache they attended to the empty end of the cache (log-probs 0.1 off the teacher-forced
+    pass, other samples). Refused in one line; the default loop is exact."""
+    model = _tiny_gpt_neo(tok)
+    with pytest.raises(ValueError, match=r"cache_implementation='static' cannot decode this model.*local") as err:
+        generate_rollout(model, tok, ["x"], cache_implementation="static")
+    assert "\n" not in str(err.value)
+    r, input_ids, mask = generate_rollout(model, tok, ["1+1?", "what is two plus two?"], temperature=0.9)
+    assert (recompute(model, input_ids, mask, r, temperature=0.9) - r.logprobs).abs().max().item() < 1e-5
+
+    from multiplex_trl.inference import UsageError, check_engine
+
+    model.config.save_pretrained(tmp_path)  # the CLIs refuse it from the config, before the model loads
+    with pytest.raises(UsageError, match="cannot decode this model"):
+        check_engine("static", False, str(tmp_path), 16)
+    check_engine(None, False, str(tmp_path), 16)

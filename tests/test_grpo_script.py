@@ -426,3 +426,22 @@ def test_cli_shows_a_missing_dependency_and_restores_argv(monkeypatch, tmp_path,
     program = sys.argv[0]
     assert cli.main(["echo", "--x"]) == 0 and sys.argv[0] == program
     assert capsys.readouterr().out == "multiplex-trl echo ['--x']\n"
+
+
+def test_compile_with_a_window_the_completion_overflows_is_refused_before_the_model_loads(
+    no_model, tok, data, tmp_path
+):
+    """A sliding window shorter than one token plus max_completion_length makes the compiled step recompile at every
+    position: the trainer refused it only once the model had loaded (a traceback, after --overwrite_output_dir had
+    deleted the finished run); the script reads the window from the model's config first."""
+    from multiplex_trl.testing import tiny_model
+
+    model_dir = tmp_path / "windowed"
+    tiny_model(tok, sliding_window=8).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    fast = ["--cache_implementation", "static", "--multiplex_compile", "true"]
+    with pytest.raises(grpo.ConfigError, match=r"sliding window \(8\).*multiplex_compile=False") as error:
+        grpo.main(tiny_run_args(model_dir, data, tmp_path / "run", *fast))
+    assert "\n" not in str(error.value)
+    with pytest.raises(AssertionError, match="a model or tokenizer was loaded"):  # the static cache alone is fine
+        grpo.main(tiny_run_args(model_dir, data, tmp_path / "run", *fast[:2]))

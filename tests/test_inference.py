@@ -561,3 +561,14 @@ def test_both_forms_of_a_text_marker_close_on_a_sentencepiece_tokenizer():
 def test_bad_decoding_settings_are_refused(setting, message):
     with pytest.raises(UsageError, match=message):
         resolve_decoding(None, **setting)
+
+
+def test_generate_refuses_compile_when_the_window_is_shorter_than_the_completion(tmp_path, monkeypatch):
+    """generate() with a model path reads the window from the config before it loads the model, as the CLI does."""
+    from transformers import MistralConfig
+
+    MistralConfig(num_hidden_layers=1, sliding_window=8).save_pretrained(tmp_path)
+    monkeypatch.setattr(inference, "load_model", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    with pytest.raises(inference.UsageError, match=r"sliding window \(8\)") as error:
+        inference.generate(str(tmp_path), "hi", max_new_tokens=16, cache_implementation="static", compile=True)
+    assert "\n" not in str(error.value)

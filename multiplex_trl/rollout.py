@@ -239,7 +239,7 @@ def multiplex_generate(
         if n_done:
             lengths[rows], closed[rows] = t + 1, ~thinking  # final for the rows leaving (the rest: later)
             keep = (~ends).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
+            cache.reorder_cache(keep)  # every layer kind drops the rows (hybrid models: recurrent states too)
             rows, mask, position, thinking, thought, forcing, state, cold, ids, weights = (
                 x[keep] for x in (rows, mask, position, thinking, thought, forcing, state, cold, ids, weights)
             )

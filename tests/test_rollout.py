@@ -409,3 +409,45 @@ def test_loop_cost_per_step_is_flat_in_batch_and_length_with_one_host_sync(tok, 
             assert syncs == steps - 1  # the end check after each decode step but the last
         else:  # an end check every few steps, and the final trim (the longest row's length)
             assert syncs == (steps - 1) // STATIC_STOP_CHECK_EVERY + 1
+
+
+# Hybrid models: recurrent (linear attention, mamba) layers beside attention; their caches hold per-row states.
+HYBRIDS = {
+    "qwen3-next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        {"head_dim": 16, "linear_num_value_heads": 2, "linear_num_key_heads": 1, "linear_key_head_dim": 16}
+        | {"linear_value_head_dim": 16, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
+        | {"num_experts": 4, "num_experts_per_tok": 2, "layer_types": ["linear_attention", "full_attention"]},
+    ),
+    "falcon-h1": (
+        "FalconH1Config",
+        "FalconH1ForCausalLM",
+        {"head_dim": 16, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8}
+        | {"mamba_n_groups": 1},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", HYBRIDS)
+def test_finished_rows_leave_the_batch_of_a_hybrid_model(tok, name):
+    """A row that ends leaves the batch and the cache, recurrent states included: `batch_select_indices` crashed on
+    these caches (Qwen3-Next: linear-attention layers have none; Falcon-H1: it dropped the attention rows only, a
+    size mismatch at the next step). The rows left now decode on exactly (stored = teacher-forced log-probs)."""
+    import transformers
+
+    from multiplex_trl.testing import _tiny
+
+    config, model_class, kwargs = HYBRIDS[name]
+    model = _tiny(
+        getattr(transformers, config), getattr(transformers, model_class), tok, 0,
+        hidden_size=32, num_hidden_layers=2, intermediate_size=64, **kwargs,
+    ).eval()  # fmt: skip
+    questions = ["1+1?", "what is two plus two?", "x"]
+    eos = list(range(0, len(tok), 9))  # many end tokens: rows end at different steps
+    r, input_ids, mask = generate_rollout(
+        model, tok, questions, temperature=0.9, max_new_tokens=24, max_thinking_tokens=8, eos_token_ids=eos
+    )
+    lengths = r.lengths()
+    assert len(set(lengths)) > 1 and min(lengths) < 24  # rows left the batch while others decoded on
+    assert (recompute(model, input_ids, mask, r, temperature=0.9) - r.logprobs).abs().max().item() < 1e-5

@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 
 import yaml
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 from transformers.trainer import TRAINER_STATE_NAME  # what every checkpoint the Trainer saves holds
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
@@ -31,7 +31,7 @@ from .data import load_prompts
 from .inference import find_model
 from .markers import closing_rule
 from .rewards import check_reward_columns, get_reward_funcs
-from .static_decode import check_decode_model
+from .static_decode import check_saved_model
 from .trainer import MultiplexGRPOTrainer
 
 
@@ -263,26 +263,6 @@ def validate(script_args: ScriptArguments, training_args: MultiplexGRPOConfig, m
         raise ConfigError(str(error)) from error
 
 
-def _check_decode_model(model_path: str, model_args: ModelConfig, training_args: MultiplexGRPOConfig) -> None:
-    """The static cache against the model's config (`static_decode.check_decode_model`; an unreadable config is
-    left to the model's loading to report)."""
-    try:
-        config = AutoConfig.from_pretrained(
-            model_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-        )
-    except (OSError, ValueError):
-        return
-    try:
-        check_decode_model(
-            config,
-            training_args.cache_implementation,
-            training_args.multiplex_compile,
-            1 + training_args.max_completion_length,
-        )
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-
-
 def main(argv: list[str] | None = None) -> str:
     """Parse, check, load data and rewards, train, save (and push). Returns the saved model folder."""
     script_args, training_args, model_args = parse_args(argv)
@@ -310,8 +290,17 @@ def main(argv: list[str] | None = None) -> str:
             f"(generation_batch_size {training_args.generation_batch_size} / num_generations "
             f"{training_args.num_generations}): no step could run; give more prompts or a smaller batch."
         )
-    if training_args.cache_implementation == "static":  # the trainer checks it too, but once the model has loaded
-        _check_decode_model(model_path, model_args, training_args)
+    try:  # the static cache against the model's config: the trainer checks it too, but once the model has loaded
+        check_saved_model(
+            model_path,
+            training_args.cache_implementation,
+            training_args.multiplex_compile,
+            1 + training_args.max_completion_length,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     resume = resume_checkpoint(training_args)
     if resume:
         _check_resume_settings(resume, training_args)

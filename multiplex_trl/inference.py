@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import MultiplexGRPOConfig
 from .hub import hub_offline, load_multiplex_settings
@@ -31,7 +31,7 @@ from .mixers import MIXERS, Mixer, get_mixer
 from .mixers.base import constructor_defaults
 from .models import DEMO_MODEL_ALIASES, resolve_model_name_or_path
 from .rollout import multiplex_generate
-from .static_decode import check_decode_model, check_decode_options
+from .static_decode import check_decode_options, check_saved_model
 
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # the paper's maximum response length (thinking and answer together)
@@ -486,18 +486,14 @@ def check_engine(
 ) -> None:
     """The decode-loop options, checked before any model loads (UsageError: the CLIs print it in one line).
 
-    With `path`, the static cache is also checked against the model's config (`static_decode.check_decode_model`:
+    With `path`, the static cache is also checked against the model's config (`static_decode.check_saved_model`:
     attention it cannot decode; for --compile, a sliding window that a one-token prompt plus `max_new_tokens`
     overflows; the rollout checks the real prompts again).
     """
     try:
         check_decode_options(cache_implementation, compile)
-        if cache_implementation == "static" and path is not None:
-            try:
-                config = AutoConfig.from_pretrained(path)
-            except (OSError, ValueError):  # no readable config: loading the model reports it, the rollout checks
-                return
-            check_decode_model(config, cache_implementation, compile, 1 + max_new_tokens)
+        if path is not None:
+            check_saved_model(path, cache_implementation, compile, 1 + max_new_tokens)
     except ValueError as error:
         raise UsageError(str(error)) from None
 

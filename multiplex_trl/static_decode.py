@@ -7,7 +7,7 @@ from __future__ import annotations
 import weakref
 
 import torch
-from transformers import StaticCache
+from transformers import AutoConfig, StaticCache
 from transformers.cache_utils import (
     LinearAttentionCacheLayerMixin,
     StaticLayer,
@@ -106,6 +106,19 @@ def check_decode_model(config, cache_implementation: str | None, compile: bool, 
         check_static_attention(config)
     if compile:
         check_compiled_window(config, length)
+
+
+def check_saved_model(path: str, cache_implementation: str | None, compile: bool, length: int, **config_kwargs):
+    """`check_decode_model` against the config saved at `path` (a folder or Hub name; `config_kwargs` go to
+    `AutoConfig.from_pretrained`), before any model loads. An unreadable config passes: loading the model reports it,
+    and the rollout checks the model itself."""
+    if cache_implementation != "static":
+        return
+    try:
+        config = AutoConfig.from_pretrained(path, **config_kwargs)
+    except (OSError, ValueError):
+        return
+    check_decode_model(config, cache_implementation, compile, length)
 
 
 def check_compiled_window(config, length: int) -> None:
